@@ -1,0 +1,10 @@
+"""Number formats: one module per family, each registering its named presets on import."""
+from lowbit.formats.base import (  # noqa: F401
+    Format,
+    QParams,
+    all_formats,
+    format_from_dict,
+    get_format,
+    register_preset,
+)
+from lowbit.formats import int as _int  # noqa: F401

@@ -1,0 +1,192 @@
+"""The ``Format`` contract and its registry.
+
+A format turns blocks of real numbers into integer codes and back. It only ever sees a 2-D
+view ``blocks: (n_blocks, block_size)`` (float32); the reshaping for a granularity happens once,
+in :mod:`lowbit.grouping`. Every format exposes its element value table (``values()``), so
+exporters, the ``lowbit formats`` command and the conformance tests can all read the grid.
+
+Reconstruction contract, per block ``i`` and element ``j``::
+
+    x̂[i, j] = scale[i] * values[code[i, j]]                  (symmetric / scale-only formats)
+    x̂[i, j] = scale[i] * (code[i, j] - zero[i])              (integer zero point)
+    x̂[i, j] = scale[i] * code[i, j] + zero[i]                (float zero = block minimum, Q4_1/HQQ)
+
+and block-scaled formats with a tensor-wide scale multiply by ``global_scale`` as well.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from lowbit.errors import LowbitError
+
+_FAMILIES: dict[str, type["Format"]] = {}
+_PRESETS: dict[str, "Format"] = {}
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Quantization parameters for a stack of blocks.
+
+    scale:        (n_blocks, 1) float32, already rounded to its storage dtype.
+    zero:         (n_blocks, 1) float32 or None. Integer-valued zero point in code units, or a
+                  float offset in weight units when the format uses a float zero.
+    global_scale: () float32 or None; one tensor-wide factor (NVFP4's second level).
+    """
+
+    scale: Tensor
+    zero: Tensor | None = None
+    global_scale: Tensor | None = None
+
+
+class Format:
+    """Base class of every number format; subclasses are frozen dataclasses.
+
+    Subclasses set ``family`` (the registry key), ``bits`` and ``symmetric`` and implement
+    ``values``, ``choose_qparams``, ``quantize`` and ``dequantize``. ``symmetric`` promises that
+    quantization is odd: ``Q(-x) == -Q(x)``.
+    """
+
+    family: ClassVar[str] = ""
+    fixed_block: ClassVar[int | None] = None  # block size dictated by the format (MX: 32)
+    scale_storage: ClassVar[str | None] = None  # storage dtype of scales dictated by the format
+    bits: int
+    symmetric: bool
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.family:
+            _FAMILIES[cls.family] = cls
+
+    # --- the contract ------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+    def values(self) -> Tensor:
+        """Element value of every code, shape (2**bits,) float64; NaN marks unused codes."""
+        raise NotImplementedError
+
+    def choose_qparams(self, blocks: Tensor, clip: float = 1.0,
+                       global_scale: Tensor | None = None) -> QParams:
+        """Pick scale (and zero) per block. ``clip`` in (0, 1] shrinks the covered range."""
+        raise NotImplementedError
+
+    def quantize(self, blocks: Tensor, qp: QParams) -> Tensor:
+        """Codes for ``blocks`` (n_blocks, block_size) float32 -> same shape, uint8."""
+        raise NotImplementedError
+
+    def dequantize(self, codes: Tensor, qp: QParams) -> Tensor:
+        """Codes (n_blocks, block_size) uint8 -> float32 reconstruction."""
+        raise NotImplementedError
+
+    def global_scale(self, x: Tensor) -> Tensor | None:
+        """A tensor-wide scale computed from the whole tensor, or None (the default)."""
+        return None
+
+    # --- derived -----------------------------------------------------------------------
+    @property
+    def max(self) -> float:
+        """Largest finite magnitude of the element grid."""
+        v = self.values()
+        return float(v[torch.isfinite(v)].abs().max())
+
+    @property
+    def zero_kind(self) -> str | None:
+        """'int', 'float' or None: how a zero point is stored, if the format has one."""
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {"family": self.family, **asdict(self)}  # type: ignore[call-overload]
+
+
+def register_preset(fmt: Format, name: str | None = None) -> Format:
+    """Make ``fmt`` available by name (``get_format``) and to the conformance suite."""
+    _PRESETS[name or fmt.name] = fmt
+    return fmt
+
+
+def all_formats() -> dict[str, Format]:
+    """Every registered named format, in registration order."""
+    _load_builtin()
+    return dict(_PRESETS)
+
+
+def get_format(name: str) -> Format:
+    _load_builtin()
+    if name not in _PRESETS:
+        known = ", ".join(sorted(_PRESETS))
+        raise LowbitError(f"unknown format {name!r}; known formats: {known}")
+    return _PRESETS[name]
+
+
+def format_from_dict(d: dict[str, Any]) -> Format:
+    """Rebuild a format from ``to_dict`` output; only registered families and their fields."""
+    _load_builtin()
+    d = dict(d)
+    family = d.pop("family", None)
+    cls = _FAMILIES.get(family or "")
+    if cls is None:
+        raise LowbitError(f"unknown format family {family!r}; known: {', '.join(sorted(_FAMILIES))}")
+    import dataclasses
+
+    allowed = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(d) - allowed
+    if unknown:
+        raise LowbitError(f"format {family!r} has no fields {sorted(unknown)}; allowed: {sorted(allowed)}")
+    for k, v in d.items():
+        if isinstance(v, list):
+            d[k] = tuple(v)
+    return cls(**d)
+
+
+def _load_builtin() -> None:
+    from lowbit import formats  # noqa: F401  (imports every family module once)
+
+
+# --- helpers shared by the families ----------------------------------------------------
+def safe_scale(scale: Tensor) -> Tensor:
+    """Replace zero scales by one so that division is defined (all-zero blocks stay zero)."""
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def absmax(blocks: Tensor) -> Tensor:
+    """(n_blocks, block_size) -> (n_blocks, 1) largest magnitude."""
+    return blocks.abs().amax(dim=1, keepdim=True)
+
+
+def nearest_code(x: Tensor, values: Tensor) -> Tensor:
+    """Index of the nearest finite entry of ``values`` for every element of ``x``.
+
+    x: any shape, float32. values: (K,) float64 with NaN for unused codes.
+    Ties go to the even code (for minifloats: the even mantissa, IEEE round-half-even).
+    Values beyond the grid saturate to its ends. Returns int64 codes of ``x``'s shape.
+    """
+    finite = torch.isfinite(values)
+    codes = torch.nonzero(finite).flatten()
+    v = values[codes]
+    order = torch.argsort(v, stable=True)
+    v, codes = v[order], codes[order]
+    # drop duplicate values (e.g. +0/-0): keep the even code
+    keep = torch.ones_like(v, dtype=torch.bool)
+    same = v[1:] == v[:-1]
+    for i in torch.nonzero(same).flatten().tolist():
+        a, b = codes[i], codes[i + 1]
+        drop = i if (int(a) % 2 == 1 and int(b) % 2 == 0) else i + 1
+        keep[drop] = False
+    v, codes = v[keep], codes[keep]
+    mid = (v[1:] + v[:-1]) / 2
+    xd = x.double()
+    idx = torch.bucketize(xd, mid)  # mid[i-1] < x <= mid[i] -> i ; ties land on the lower side
+    tie = torch.zeros_like(idx, dtype=torch.bool)
+    inner = idx < mid.numel()
+    tie[inner] = xd[inner] == mid[idx[inner]]
+    upper = torch.clamp(idx + 1, max=v.numel() - 1)
+    prefer_upper = tie & (codes[idx] % 2 == 1) & (codes[upper] % 2 == 0)
+    idx = torch.where(prefer_upper, upper, idx)
+    return codes[idx]

@@ -1,0 +1,93 @@
+"""Uniform integer grids, 2 to 8 bits.
+
+Symmetric: restricted range ``q ∈ [-(2^(b-1)-1), 2^(b-1)-1]`` so that quantization is odd;
+stored as the offset code ``q + 2^(b-1)`` (code 0 is never produced).
+Asymmetric: ``q ∈ [0, 2^b - 1]`` with either
+
+* ``zero="int"``   an integer zero point, ``x̂ = s·(q - z)``; the range always contains 0, so
+  zero is exact (the usual choice of GPTQ, AWQ and compressed-tensors);
+* ``zero="float"`` a float offset equal to the block minimum, ``x̂ = s·q + m`` (GGUF Q4_1, HQQ).
+  This reproduces weights that already sit on a Q4_1 grid exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowbit.errors import LowbitError
+from lowbit.formats.base import Format, QParams, absmax, register_preset, safe_scale
+
+
+@dataclass(frozen=True)
+class IntFormat(Format):
+    family = "int"
+    bits: int = 4
+    symmetric: bool = True
+    zero: str = "int"  # asymmetric only: "int" or "float"
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise LowbitError(f"int bits {self.bits} is out of range; use 2 to 8")
+        if self.zero not in ("int", "float"):
+            raise LowbitError(f"int zero {self.zero!r} is not allowed; use 'int' or 'float'")
+
+    @property
+    def name(self) -> str:
+        if self.symmetric:
+            return f"int{self.bits}"
+        return f"uint{self.bits}" + ("_fz" if self.zero == "float" else "")
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def zero_kind(self) -> str | None:
+        return None if self.symmetric else self.zero
+
+    def values(self) -> Tensor:
+        n = 2**self.bits
+        v = torch.arange(n, dtype=torch.float64)
+        if self.symmetric:
+            v = v - 2 ** (self.bits - 1)
+            v[0] = float("nan")  # restricted range: -2^(b-1) is never produced
+        return v
+
+    def choose_qparams(self, blocks: Tensor, clip: float = 1.0,
+                       global_scale: Tensor | None = None) -> QParams:
+        if self.symmetric:
+            return QParams(scale=absmax(blocks) * clip / self.qmax)
+        lo = blocks.amin(dim=1, keepdim=True) * clip
+        hi = blocks.amax(dim=1, keepdim=True) * clip
+        if self.zero == "int":
+            lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+            scale = (hi - lo) / self.qmax
+            zero = torch.round(-lo / safe_scale(scale)).clamp(0, self.qmax)
+            return QParams(scale=scale, zero=zero)
+        return QParams(scale=(hi - lo) / self.qmax, zero=lo)
+
+    def quantize(self, blocks: Tensor, qp: QParams) -> Tensor:
+        s = safe_scale(qp.scale)
+        if self.symmetric:
+            q = torch.round(blocks / s).clamp(-self.qmax, self.qmax) + 2 ** (self.bits - 1)
+        elif self.zero == "int":
+            q = (torch.round(blocks / s) + qp.zero).clamp(0, self.qmax)
+        else:
+            q = torch.round((blocks - qp.zero) / s).clamp(0, self.qmax)
+        return q.to(torch.uint8)
+
+    def dequantize(self, codes: Tensor, qp: QParams) -> Tensor:
+        q = codes.to(torch.float32)
+        if self.symmetric:
+            return (q - 2 ** (self.bits - 1)) * qp.scale
+        if self.zero == "int":
+            return (q - qp.zero) * qp.scale
+        return q * qp.scale + qp.zero
+
+
+for _b in range(2, 9):
+    register_preset(IntFormat(_b, True))
+    register_preset(IntFormat(_b, False, "int"))
+    register_preset(IntFormat(_b, False, "float"))
