@@ -1,7 +1,7 @@
 """lowbit: compress trained PyTorch and Hugging Face models.
 
-``import lowbit`` is light: it does not import transformers. The model-facing API is loaded
-lazily on first use.
+``import lowbit`` is light: it never imports transformers; model-facing functions load what
+they need on first use.
 """
 from __future__ import annotations
 
@@ -10,4 +10,27 @@ __version__ = "0.1.0"
 from lowbit.errors import LowbitError  # noqa: E402
 from lowbit.spec import PerBlock, PerChannel, PerGroup, PerTensor, QuantSpec, Rule  # noqa: E402
 
-__all__ = ["LowbitError", "PerBlock", "PerChannel", "PerGroup", "PerTensor", "QuantSpec", "Rule", "__version__"]
+__all__ = [
+    "LowbitError", "PerBlock", "PerChannel", "PerGroup", "PerTensor", "QuantSpec", "Rule",
+    "quantize", "save", "load", "load_model", "parse_scheme", "get_format", "__version__",
+]
+
+
+def __getattr__(name: str):
+    if name in ("quantize", "save", "load"):
+        from lowbit import api
+
+        return getattr(api, name)
+    if name == "load_model":
+        from lowbit.hf.load import load_model
+
+        return load_model
+    if name == "parse_scheme":
+        from lowbit.schemes import parse_scheme
+
+        return parse_scheme
+    if name == "get_format":
+        from lowbit.formats import get_format
+
+        return get_format
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")

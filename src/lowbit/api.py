@@ -1,0 +1,55 @@
+"""The small public API: ``quantize``, ``save``, ``load``.
+
+    import lowbit
+    model = lowbit.quantize(model, "w4g128")      # a preset, a spec string, a QuantSpec or a plan
+    lowbit.save(model, "out/", tokenizer=tok)
+    model = lowbit.load("out/")                     # Hugging Face models rebuild from config.json
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from lowbit.apply import quantize_model
+from lowbit.errors import LowbitError
+from lowbit.plan import default_plan
+from lowbit.spec import QuantSpec, Rule
+
+Plan = str | QuantSpec | list[Rule]
+
+
+def make_plan(model: nn.Module, plan: Plan) -> list[Rule]:
+    """A plan from a preset or spec string, a ``QuantSpec`` (default plan) or a rule list."""
+    if isinstance(plan, str):
+        from lowbit.schemes import parse_scheme
+
+        plan = parse_scheme(plan)
+    if isinstance(plan, QuantSpec):
+        return default_plan(model, plan)
+    if isinstance(plan, (list, tuple)) and all(isinstance(r, Rule) for r in plan):
+        return list(plan)
+    raise LowbitError(f"a plan must be a scheme string, a QuantSpec or a list of Rule, not {type(plan).__name__}")
+
+
+def quantize(model: nn.Module, plan: Plan = "w4g128", progress: bool = True) -> nn.Module:
+    """Round-to-nearest quantization of ``model`` in place under ``plan``; returns ``model``."""
+    return quantize_model(model, make_plan(model, plan), progress=progress)
+
+
+def save(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False):
+    from lowbit.io import save as _save
+
+    return _save(model, out, tokenizer=tokenizer, overwrite=overwrite)
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Load a lowbit folder. Plain PyTorch modules need their skeleton passed as ``model``."""
+    from lowbit.io import load_into
+
+    if model is not None:
+        return load_into(model, path)
+    from lowbit.hf.load import load_lowbit
+
+    return load_lowbit(path).model

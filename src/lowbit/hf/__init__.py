@@ -1,0 +1,1 @@
+"""Hugging Face integration: the only package that imports transformers (always lazily)."""

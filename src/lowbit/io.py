@@ -1,0 +1,147 @@
+"""Save and load quantized models: safetensors + a JSON manifest, written atomically.
+
+A saved folder holds
+
+* ``model.safetensors``: every unquantized tensor under its state-dict key, and for each
+  quantized weight ``<key>.codes`` (packed uint8), ``<key>.scale`` and, where the format has
+  them, ``<key>.zero`` and ``<key>.global_scale``;
+* ``lowbit.json``: lowbit version, format version, the spec, shape, layout and compute dtype
+  of every quantized tensor, and the aliases of tied tensors;
+* for Hugging Face models, ``config.json``, the generation config and the tokenizer.
+
+Everything is written into a temporary sibling folder and renamed into place, so a failed
+save leaves nothing half written. Same model, same bytes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import lowbit
+from lowbit.apply import attach, quantized_tensors
+from lowbit.errors import LowbitError
+from lowbit.qtensor import QuantizedTensor
+
+MANIFEST = "lowbit.json"
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+_ROLES = ("codes", "scale", "zero", "global_scale")
+
+
+def save(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False) -> Path:
+    """Write ``model`` (quantized or not) to the folder ``out``; returns its path."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LowbitError(f"output folder {out} already exists; choose another path or pass overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        tensors, manifest = _collect(model)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "lowbit": lowbit.__version__})
+        _write_json(tmp / MANIFEST, manifest)
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "to_json_string"):
+            (tmp / "config.json").write_text(config.to_json_string(use_diff=True))
+            gen = getattr(model, "generation_config", None)
+            if gen is not None:
+                gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, t in sorted(model.state_dict().items()):
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        tensors[key] = t.detach().contiguous()
+    qmeta = {}
+    for module_name, param, qt, dtype in quantized_tensors(model):
+        key = f"{module_name}.{param}" if module_name else param
+        for role, t in qt.to_tensors().items():
+            tensors[f"{key}.{role}"] = t.contiguous()
+        qmeta[key] = {**qt.meta(), "dtype": str(dtype).removeprefix("torch.")}
+    config = getattr(model, "config", None)
+    kind = "hf" if config is not None and hasattr(config, "to_json_string") else "module"
+    manifest = {
+        "lowbit_version": lowbit.__version__,
+        "format_version": FORMAT_VERSION,
+        "model": {"kind": kind, "class": type(model).__name__, "dtype": _dtype_name(model)},
+        "quantized": qmeta,
+        "aliases": aliases,
+    }
+    return tensors, manifest
+
+
+def _dtype_name(model: nn.Module) -> str:
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    return str(floats[0] if floats else torch.float32).removeprefix("torch.")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise LowbitError(f"{path} is not a lowbit folder (no {MANIFEST}); save one with `lowbit quantize`")
+    manifest = json.loads((path / MANIFEST).read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise LowbitError(
+            f"{path} has lowbit format version {manifest.get('format_version')}; "
+            f"this lowbit {lowbit.__version__} reads version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Fill the skeleton ``model`` (same architecture) from a saved folder; returns it."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    tensors = load_file(str(path / WEIGHTS))
+    modules = dict(model.named_modules())
+    for key, meta in manifest["quantized"].items():
+        module_name, _, param = key.rpartition(".")
+        if module_name not in modules:
+            raise LowbitError(f"{path} quantizes {key}, which the model does not have; is it the same architecture?")
+        parts = {r: tensors.pop(f"{key}.{r}") for r in _ROLES if f"{key}.{r}" in tensors}
+        qt = QuantizedTensor.from_tensors(meta, parts)
+        attach(modules[module_name], param, qt, getattr(torch, meta["dtype"]))
+    for alias, source in manifest["aliases"].items():
+        tensors[alias] = tensors[source]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise LowbitError(
+            f"{path} does not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    return model

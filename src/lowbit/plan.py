@@ -1,0 +1,82 @@
+"""Which tensors of a model get quantized, and to what.
+
+A *plan* is an ordered list of ``Rule``s; each tensor key is resolved against it and the last
+matching rule wins (``spec.resolve``). Tensor keys are module names (``model.layers.0.mlp.up_proj``)
+for Linear, Conv and Embedding weights, and ``module.param`` for fused expert tensors
+(``model.layers.0.mlp.experts.gate_up_proj``).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from lowbit.capture import find_blocks
+from lowbit.spec import QuantSpec, Rule
+
+#: Routers and per-expert gates stay in full precision under the default plan: they are tiny
+#: and steer which experts run (llm-compressor and GPTQModel leave them alone too).
+ROUTER_PATTERN = r"(^|\.)(gate|router|shared_expert_gate)$"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One quantizable tensor: ``getattr(module, param)`` with its matrix-view layout."""
+
+    key: str
+    module_name: str
+    param: str
+    layout: str
+    kind: str  # "linear", "conv", "embedding" or "experts"
+
+
+def targets(model: nn.Module) -> list[Target]:
+    """Every tensor lowbit knows how to quantize, in module order."""
+    out = []
+    for name, module in model.named_modules():
+        kind = _kind(module)
+        if kind in ("linear", "conv", "embedding"):
+            layout = "transposed" if type(module).__name__ == "Conv1D" else "rows"
+            if isinstance(getattr(module, "weight", None), nn.Parameter):
+                out.append(Target(name, name, "weight", layout, kind))
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() == 3:
+                out.append(Target(f"{name}.{pname}", name, pname, "experts", "experts"))
+    return out
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+        return "linear"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return None
+
+
+def default_plan(model: nn.Module, spec: QuantSpec) -> list[Rule]:
+    """Every Linear (and fused expert tensor) inside the repeated blocks gets ``spec``.
+
+    lm_head, embeddings and routers are left alone. A model without repeated blocks (a plain
+    MLP or CNN) gets ``spec`` on every Linear and Conv layer.
+    """
+    blocks = find_blocks(model)
+    if blocks is None:
+        keys = [t.key for t in targets(model) if t.kind in ("linear", "conv")]
+        return [Rule(f"^{re.escape(k)}$", spec) for k in keys]
+    return [Rule(rf"^{re.escape(blocks[0])}\.\d+\.", spec), Rule(ROUTER_PATTERN, None)]
+
+
+def resolve_targets(model: nn.Module, plan: list[Rule]) -> list[tuple[Target, QuantSpec]]:
+    """The (target, spec) pairs that ``plan`` quantizes; the last matching rule wins."""
+    from lowbit.spec import resolve
+
+    pairs = []
+    for t in targets(model):
+        spec = resolve(plan, t.key)
+        if spec is not None:
+            pairs.append((t, spec))
+    return pairs

@@ -1,0 +1,102 @@
+"""Named presets and spec strings: what ``--scheme`` accepts.
+
+A preset is a short name (``w4g128``, ``nvfp4``); int presets have an ``-asym`` variant with an
+integer zero point and an ``-asym-fz`` variant with a float zero equal to the block minimum
+(GGUF Q4_1 / HQQ style). A spec string spells a spec out::
+
+    FORMAT[:GRANULARITY][:mse][:scale=DTYPE]
+
+    FORMAT       a name from `lowbit formats` (int4, uint4, uint4_fz, fp8_e4m3fn, nf4, mxfp4, ...)
+    GRANULARITY  tensor | channel | gN (groups of N) | bRxC (R×C tiles); default channel
+    mse          search the clipping ratio per block instead of min-max
+    scale=DTYPE  float16 (default), bfloat16 or float32
+
+for example ``uint4_fz:g32``, ``fp8_e4m3fn:channel``, ``int3:g128:mse``.
+"""
+from __future__ import annotations
+
+import re
+
+from lowbit.errors import LowbitError
+from lowbit.formats import get_format
+from lowbit.spec import Granularity, PerBlock, PerChannel, PerGroup, PerTensor, QuantSpec
+
+_INT_PRESETS = {"w8": (8, None), "w4g128": (4, 128), "w4g64": (4, 64), "w4g32": (4, 32),
+                "w3g128": (3, 128), "w3g64": (3, 64), "w2g64": (2, 64), "w2g32": (2, 32)}
+_OTHER_PRESETS = {
+    "fp8": "fp8_e4m3fn:channel",
+    "fp8-e5m2": "fp8_e5m2:channel",
+    "fp6": "fp6_e2m3:g32",
+    "fp4": "fp4_e2m1:g32",
+    "nf4g64": "nf4:g64",
+    "nf4g32": "nf4:g32",
+    "mxfp8": "mxfp8_e4m3:g32",
+    "mxfp6": "mxfp6_e2m3:g32",
+    "mxfp4": "mxfp4:g32",
+    "mxint8": "mxint8:g32",
+    "nvfp4": "nvfp4:g16",
+}
+
+
+def presets() -> dict[str, str]:
+    """Preset name -> the spec string it stands for."""
+    out = {}
+    for name, (bits, group) in _INT_PRESETS.items():
+        gran = f"g{group}" if group else "channel"
+        out[name] = f"int{bits}:{gran}"
+        out[f"{name}-asym"] = f"uint{bits}:{gran}"
+        out[f"{name}-asym-fz"] = f"uint{bits}_fz:{gran}"
+    out.update(_OTHER_PRESETS)
+    return out
+
+
+def parse_scheme(scheme: str, group_size: int | None = None, scale_search: str | None = None) -> QuantSpec:
+    """A preset name or spec string -> ``QuantSpec``; ``group_size`` overrides the granularity."""
+    text = presets().get(scheme.strip().lower(), scheme.strip())
+    parts = [p for p in text.split(":") if p]
+    if not parts:
+        raise LowbitError("empty scheme; give a preset such as w4g128 or a spec string such as int4:g128")
+    try:
+        fmt = get_format(parts[0])
+    except LowbitError:
+        raise LowbitError(
+            f"unknown scheme {scheme!r}; use a preset ({', '.join(presets())}) "
+            "or a spec string FORMAT[:GRANULARITY][:mse] with a format from `lowbit formats`"
+        ) from None
+    gran: Granularity = PerGroup(fmt.fixed_block) if fmt.fixed_block else PerChannel()
+    search, scale_dtype = "minmax", "float16"
+    for p in parts[1:]:
+        if p == "mse":
+            search = "mse"
+        elif p.startswith("scale="):
+            scale_dtype = p.removeprefix("scale=")
+        else:
+            gran = _granularity(p, scheme)
+    if group_size is not None:
+        gran = PerGroup(group_size)
+    return QuantSpec(fmt, gran, scale_dtype=scale_dtype, scale_search=scale_search or search)
+
+
+def _granularity(text: str, scheme: str) -> Granularity:
+    if text == "tensor":
+        return PerTensor()
+    if text == "channel":
+        return PerChannel()
+    if m := re.fullmatch(r"g(\d+)", text):
+        return PerGroup(int(m.group(1)))
+    if m := re.fullmatch(r"b(\d+)x(\d+)", text):
+        return PerBlock(int(m.group(1)), int(m.group(2)))
+    raise LowbitError(f"unknown granularity {text!r} in scheme {scheme!r}; use tensor, channel, gN or bRxC")
+
+
+def describe(spec: QuantSpec) -> str:
+    """The spec string of ``spec`` (inverse of ``parse_scheme`` for spec strings)."""
+    g = spec.granularity
+    gran = {PerTensor: lambda: "tensor", PerChannel: lambda: "channel",
+            PerGroup: lambda: f"g{g.size}", PerBlock: lambda: f"b{g.rows}x{g.cols}"}[type(g)]()
+    text = f"{spec.format.name}:{gran}"
+    if spec.scale_search == "mse":
+        text += ":mse"
+    if spec.scale_dtype != "float16":
+        text += f":scale={spec.scale_dtype}"
+    return text
