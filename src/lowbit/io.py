@@ -45,7 +45,7 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None, overwr
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         tensors, manifest = _collect(model)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "lowbit": lowbit.__version__})
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})  # one key: safetensors orders keys at random
         _write_json(tmp / MANIFEST, manifest)
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "to_json_string"):

@@ -60,8 +60,9 @@ def parse_scheme(scheme: str, group_size: int | None = None, scale_search: str |
         fmt = get_format(parts[0])
     except LowbitError:
         raise LowbitError(
-            f"unknown scheme {scheme!r}; use a preset ({', '.join(presets())}) "
-            "or a spec string FORMAT[:GRANULARITY][:mse] with a format from `lowbit formats`"
+            f"unknown scheme {scheme!r}; use a preset (w8, w4g128, w4g32-asym-fz, fp8, fp4, nf4g64, mxfp4, "
+            "nvfp4, ...: see `lowbit quantize --help`) or a spec string FORMAT[:GRANULARITY][:mse] "
+            "with a format from `lowbit formats`"
         ) from None
     gran: Granularity = PerGroup(fmt.fixed_block) if fmt.fixed_block else PerChannel()
     search, scale_dtype = "minmax", "float16"

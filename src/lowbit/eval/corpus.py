@@ -4,6 +4,10 @@ The built-in corpus is the standard library's ``pydoc_data.topics.topics``: 79 h
 (about 465k characters of English prose and Python code) that ship with every CPython, so
 evaluation needs no download. ``split_pydoc`` halves it deterministically: documents sorted by
 key, even positions calibrate, odd positions evaluate, so calibration never sees test text.
+
+Two topics may share one text (``"else"`` and ``"if"`` do in CPython 3.11); such duplicates are
+kept once, under their first key, otherwise one copy would land in each half. The topics
+change between Python versions, so the halves are fixed per interpreter version.
 """
 from __future__ import annotations
 
@@ -17,28 +21,27 @@ from lowbit.errors import LowbitError
 DOC_SEPARATOR = "\n\n"
 
 
-def _topics() -> dict[str, str]:
-    """The pydoc topic documents, ``{topic name: text}``."""
+def pydoc_documents() -> list[str]:
+    """The pydoc topic texts in sorted key order, each distinct text once (at its first key)."""
     from pydoc_data.topics import topics
 
-    return topics
+    return list(dict.fromkeys(topics[k] for k in sorted(topics)))
 
 
 def pydoc_text() -> str:
     """All pydoc topic documents in sorted key order, joined with a blank line."""
-    topics = _topics()
-    return DOC_SEPARATOR.join(topics[k] for k in sorted(topics))
+    return DOC_SEPARATOR.join(pydoc_documents())
 
 
 def split_pydoc() -> tuple[str, str]:
     """Split the pydoc topics into ``(calibration_half, evaluation_half)``.
 
-    Documents are sorted by key; even positions (0, 2, ...) form the calibration half, odd
-    positions the evaluation half; each half is joined with ``"\\n\\n"``. The halves share
-    no document and together hold every document exactly once.
+    Documents are sorted by key (duplicates dropped, see ``pydoc_documents``); even positions
+    (0, 2, ...) form the calibration half, odd positions the evaluation half; each half is
+    joined with ``"\\n\\n"``. The halves share no document and together hold every
+    document exactly once.
     """
-    topics = _topics()
-    docs = [topics[k] for k in sorted(topics)]
+    docs = pydoc_documents()
     return DOC_SEPARATOR.join(docs[0::2]), DOC_SEPARATOR.join(docs[1::2])
 
 

@@ -8,3 +8,7 @@ from lowbit.formats.base import (  # noqa: F401
     register_preset,
 )
 from lowbit.formats import int as _int  # noqa: F401
+from lowbit.formats import float as _float  # noqa: F401
+from lowbit.formats import grid as _grid  # noqa: F401
+from lowbit.formats import micro as _micro  # noqa: F401
+from lowbit.formats import binary as _binary  # noqa: F401

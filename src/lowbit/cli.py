@@ -1,0 +1,139 @@
+"""The ``lowbit`` command: formats, quantize, eval, demo.
+
+Bad input prints one line naming the problem and the fix, and exits with code 2.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lowbit.errors import LowbitError
+from lowbit.schemes import presets
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress trained PyTorch and Hugging Face models.")
+console = Console()
+
+
+@app.command()
+def formats(as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table.")) -> None:
+    """Every registered number format with its bits, range and value table."""
+    from lowbit.formats import all_formats
+
+    rows = [_format_row(name, fmt) for name, fmt in all_formats().items()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    table = Table("name", "family", "bits", "max", "symmetric", "values")
+    for r in rows:
+        vals = ", ".join(f"{v:g}" for v in r["values"][:9]) + (", ..." if len(r["values"]) > 9 else "")
+        table.add_row(r["name"], r["family"], str(r["bits"]), f"{r['max']:g}", str(r["symmetric"]), vals)
+    console.print(table)
+
+
+def _format_row(name: str, fmt) -> dict:
+    import torch
+
+    v = fmt.values()
+    finite = sorted(set(v[torch.isfinite(v)].tolist()))
+    extra = {k: x for k, x in fmt.to_dict().items() if k not in ("family", "bits", "symmetric")}
+    return {"name": name, "family": fmt.family, "bits": fmt.bits, "max": fmt.max,
+            "symmetric": fmt.symmetric, "block": fmt.fixed_block, "scale": fmt.scale_storage,
+            "params": extra, "values": finite}
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="HF model folder, .gguf file or smollm2-135m."),
+    scheme: str = typer.Option(..., "--scheme", "-s", help=f"A preset ({', '.join(presets())}) or a spec "
+                               "string FORMAT[:tensor|channel|gN|bRxC][:mse][:scale=DTYPE], e.g. uint4_fz:g32."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
+    method: str = typer.Option("rtn", "--method", help="Quantization method: rtn."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Override the group size."),
+    scale_search: Optional[str] = typer.Option(None, "--scale-search", help="minmax or mse."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (trusted only)."),
+) -> None:
+    """Quantize MODEL with SCHEME and save it to OUT."""
+    from lowbit import api
+    from lowbit.hf.load import load_model
+    from lowbit.report import bits_per_weight, folder_bytes
+    from lowbit.schemes import describe, parse_scheme
+
+    if method != "rtn":
+        raise LowbitError(f"unknown method {method!r}; available: rtn")
+    spec = parse_scheme(scheme, group_size, scale_search)
+    if out.exists() and not overwrite:
+        raise LowbitError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+    loaded = load_model(model, allow_pickle=allow_pickle)
+    t0 = time.perf_counter()
+    api.quantize(loaded.model, spec)
+    seconds = time.perf_counter() - t0
+    api.save(loaded.model, out, tokenizer=loaded.tokenizer, overwrite=overwrite)
+    table = Table("model", "scheme", "bits/weight", "size on disk", "seconds")
+    table.add_row(loaded.name, describe(spec), f"{bits_per_weight(loaded.model) or 0:.3f}",
+                  _mib(folder_bytes(out)), f"{seconds:.1f}")
+    console.print(table)
+    console.print(f"saved to {out}")
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="Model: HF folder, .gguf, lowbit folder or smollm2-135m."),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="UTF-8 text file (default: pydoc eval half)."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per window."),
+    windows: Optional[int] = typer.Option(None, "--windows", help="Number of windows (default: all)."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Original model, to report KL."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Perplexity of MODEL (and KL against --reference) on non-overlapping windows."""
+    from lowbit.eval import eval_text, evaluate, token_windows
+    from lowbit.hf.load import load_model
+
+    if seq_len < 2:
+        raise LowbitError(f"--seq-len {seq_len} is too small; use at least 2")
+    loaded = load_model(model)
+    ref = load_model(reference).model if reference else None
+    if loaded.tokenizer is None:
+        raise LowbitError(f"{model} has no tokenizer files; save the tokenizer next to the model")
+    ids = token_windows(loaded.tokenizer, eval_text(corpus), seq_len, windows)
+    result = evaluate(loaded.model, ids, reference=ref, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(result, sort_keys=True))
+        return
+    table = Table(*result.keys())
+    table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in result.values()))
+    console.print(table)
+
+
+@app.command()
+def demo(
+    scheme: str = typer.Option("w4g64-asym", "--scheme", "-s", help="Preset or spec string."),
+    windows: int = typer.Option(16, "--windows", help="Evaluation windows of --seq-len tokens."),
+    seq_len: int = typer.Option(512, "--seq-len"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Keep the quantized folder here."),
+) -> None:
+    """Quantize SmolLM2-135M, evaluate before and after, and show one generation from each."""
+    from lowbit.demo import run_demo
+
+    run_demo(console, scheme=scheme, windows=windows, seq_len=seq_len, out=out)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def main() -> None:
+    """Entry point: usage errors are click's (exit 2); ``LowbitError`` is one line, exit 2."""
+    try:
+        app()
+    except LowbitError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)

@@ -1,0 +1,55 @@
+"""Numbers for the before/after report: size on disk, bits per weight, generation."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.apply import quantized_tensors
+
+
+def folder_bytes(path: str | os.PathLike) -> int:
+    """Bytes of every file in a folder (or one file)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's tensors as stored: unique parameters and buffers, plus packed weights."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + [b for _, b in model.named_buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    for module_name, param, qt, _ in quantized_tensors(model):
+        dq = getattr(dict(model.named_modules())[module_name], param)
+        total += qt.nbits() // 8 - dq.numel() * dq.element_size()
+    return total
+
+
+def bits_per_weight(model: nn.Module) -> float | None:
+    """Average stored bits per weight over the quantized tensors (codes + scales + zeros)."""
+    bits = numel = 0
+    for _, _, qt, _ in quantized_tensors(model):
+        bits += qt.nbits()
+        numel += qt.numel
+    return bits / numel if numel else None
+
+
+def greedy(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 32) -> str:
+    """One greedy completion; chat models get their chat template."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

@@ -1,0 +1,204 @@
+"""Conformance suite: every registered format, no opt-out (STYLE.md, "Tests that prove numerics").
+
+Each format goes through the public path ``quantize_weight(w, QuantSpec(fmt, PerGroup(...)))``
+and through its own methods. Block size: the format's ``fixed_block`` or 32; the weight has 80
+columns so that every row ends in a partial block.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lowbit import grouping
+from lowbit.formats import QParams, all_formats, format_from_dict, get_format
+from lowbit.formats.grid import PowerFormat
+from lowbit.packing import pack, unpack
+from lowbit.qtensor import QuantizedTensor
+from lowbit.quantizer import quantize_weight
+from lowbit.spec import PerGroup, QuantSpec
+
+FORMATS = all_formats()
+NAMES = list(FORMATS)
+
+
+def spec_for(fmt, **kw) -> QuantSpec:
+    return QuantSpec(fmt, PerGroup(fmt.fixed_block or 32), **kw)
+
+
+def random_weight(seed: int, rows: int = 6, cols: int = 80) -> torch.Tensor:
+    """Gaussian rows with magnitudes spread over four decades, no exact zeros."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * torch.logspace(-2, 2, rows).reshape(-1, 1)
+    return torch.where(w == 0, torch.full_like(w, 1e-3), w)
+
+
+def blocks_of(qt: QuantizedTensor, w: torch.Tensor):
+    """Yield (weight blocks, code blocks, stored qparams) for every region of ``qt``."""
+    codes = qt.codes()
+    for region in grouping.regions(qt.matrix_shape, qt.tile):
+        yield grouping.to_blocks(w, region), grouping.to_blocks(codes, region), qt.qparams(region)
+
+
+def unit_qparams(fmt, n: int = 1) -> QParams:
+    """Scale 1 (and zero 0), so that ``dequantize(code) == values()[code]``."""
+    zero = torch.zeros(n, 1) if fmt.zero_kind else None
+    return QParams(torch.ones(n, 1), zero)
+
+
+def grid_in_weight_units(fmt, qp: QParams) -> torch.Tensor:
+    """(n_blocks, K) every distinct reconstruction value of each block, float64."""
+    v = fmt.values()
+    v = torch.unique(v[torch.isfinite(v)])  # sorted
+    s = qp.scale.double()
+    if qp.global_scale is not None:
+        s = (qp.scale * qp.global_scale).double()
+    if fmt.zero_kind == "int":
+        return (v - qp.zero.double()) * s
+    if fmt.zero_kind == "float":
+        return v * s + qp.zero.double()
+    return v * s
+
+
+@pytest.fixture(params=NAMES)
+def fmt(request):
+    return FORMATS[request.param]
+
+
+def test_registry_names_and_values_table(fmt):
+    assert get_format(fmt.name) is fmt
+    v = fmt.values()
+    assert v.dtype == torch.float64 and v.shape == (2**fmt.bits,)
+    assert torch.isfinite(v).sum() >= 2
+    assert 0 < fmt.max < float("inf")
+
+
+# --- (a) codes round-trip ----------------------------------------------------------------
+def test_produced_codes_round_trip(fmt):
+    w = random_weight(0)
+    qt = quantize_weight(w, spec_for(fmt))
+    for _, codes, qp in blocks_of(qt, w):
+        assert torch.isfinite(fmt.values()[codes.long()]).all(), "quantize produced an unused code"
+        again = fmt.quantize(fmt.dequantize(codes, qp), qp)
+        assert torch.equal(again, codes)
+
+
+def test_every_valid_code_round_trips_at_unit_scale(fmt):
+    v = fmt.values()
+    codes = torch.nonzero(torch.isfinite(v)).flatten().to(torch.uint8).reshape(1, -1)
+    qp = unit_qparams(fmt)
+    x = fmt.dequantize(codes, qp)
+    assert torch.equal(x, v[codes.long()].float())
+    again = fmt.quantize(x, qp)
+    # ±0 share a value, so compare values rather than codes
+    assert torch.equal(v[again.long()], v[codes.long()])
+
+
+# --- (b) error within half a step inside the range ---------------------------------------
+def test_error_within_half_step(fmt):
+    w = random_weight(1)
+    qt = quantize_weight(w, spec_for(fmt))
+    for x, codes, qp in blocks_of(qt, w):
+        if isinstance(fmt, PowerFormat):
+            check_power_domain(fmt, x, codes, qp)
+            continue
+        grid = grid_in_weight_units(fmt, qp)  # (n, K)
+        x64, xhat = x.double(), fmt.dequantize(codes, qp).double()
+        inside = (x64 >= grid[:, :1]) & (x64 <= grid[:, -1:])
+        below = torch.where(grid[:, None, :] <= x64[..., None], grid[:, None, :], -torch.inf).amax(-1)
+        above = torch.where(grid[:, None, :] >= x64[..., None], grid[:, None, :], torch.inf).amin(-1)
+        half_gap = torch.where(inside, (above - below) / 2, 0.0)
+        eps = 1e-6 * (x64.abs() + xhat.abs()) + 1e-30
+        err = (x64 - xhat).abs()
+        assert (err[inside] <= half_gap[inside] + eps[inside]).all()
+        assert inside.float().mean() > 0.5  # the check is not vacuous
+
+
+def check_power_domain(fmt: PowerFormat, x, codes, qp) -> None:
+    """Power formats round in the power domain: ``|q|`` is the nearest integer to ``y``."""
+    y = fmt.power_domain(x, qp)
+    q = codes.long() - 2 ** (fmt.bits - 1)
+    inside = y <= fmt.qmax
+    assert ((y - q.abs()).abs()[inside] <= 0.5 + 1e-9).all()
+    assert (q.abs()[~inside] == fmt.qmax).all()
+    assert (torch.sign(q) * torch.sign(x) >= 0).all()
+
+
+# --- (c) symmetric formats are odd -------------------------------------------------------
+@pytest.mark.parametrize("name", [n for n, f in FORMATS.items() if f.symmetric])
+def test_symmetric_formats_are_odd(name):
+    fmt = FORMATS[name]
+    w = random_weight(2)
+    spec = spec_for(fmt)
+    assert torch.equal(quantize_weight(-w, spec).dequantize(), -quantize_weight(w, spec).dequantize())
+    for x, _, qp in blocks_of(quantize_weight(w, spec), w):
+        pos = fmt.dequantize(fmt.quantize(x, qp), qp)
+        neg = fmt.dequantize(fmt.quantize(-x, qp), qp)
+        assert torch.equal(neg, -pos)
+
+
+@pytest.mark.parametrize("name", [n for n, f in FORMATS.items() if not f.symmetric])
+def test_asymmetric_flag_is_honest(name):
+    """A format that says it is not symmetric has a zero point or a table that is not odd."""
+    fmt = FORMATS[name]
+    v = fmt.values()
+    v = torch.sort(v[torch.isfinite(v)]).values
+    assert fmt.zero_kind is not None or not torch.equal(v, -v.flip(0))
+
+
+# --- (d) zero and constant blocks --------------------------------------------------------
+def test_all_zero_blocks_are_exact(fmt):
+    w = torch.zeros(3, 80)
+    w[1, :40] = torch.linspace(-1, 1, 40)  # one row with data, other blocks all zero
+    qt = quantize_weight(w, spec_for(fmt))
+    assert torch.isfinite(qt.scale).all()
+    deq = qt.dequantize()
+    assert torch.isfinite(deq).all()
+    zero_mask = torch.ones_like(w, dtype=torch.bool)
+    zero_mask[1, :64] = False  # blocks of 32 (or 16) overlapping the data
+    assert torch.equal(deq[zero_mask], torch.zeros(int(zero_mask.sum())))
+    assert torch.equal(quantize_weight(torch.zeros(2, 40), spec_for(fmt)).dequantize(), torch.zeros(2, 40))
+
+
+@pytest.mark.parametrize("c", [0.37, -2.5, 1e-3, 3e4])
+def test_constant_blocks_are_finite(fmt, c):
+    w = torch.full((2, 64), c)
+    qt = quantize_weight(w, spec_for(fmt))
+    deq = qt.dequantize()
+    assert torch.isfinite(qt.scale).all() and (qt.scale >= 0).all()
+    assert torch.isfinite(deq).all()
+    assert (deq - w).abs().max() <= abs(c) * (1 + 1e-3)
+
+
+# --- (e) specs and formats round-trip through JSON ---------------------------------------
+@pytest.mark.parametrize("search", ["minmax", "mse"])
+def test_spec_json_round_trip(fmt, search):
+    spec = spec_for(fmt, scale_search=search)
+    back = QuantSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert back == spec
+    assert format_from_dict(fmt.to_dict()) == fmt
+    assert format_from_dict(json.loads(json.dumps(fmt.to_dict()))) == fmt
+
+
+# --- (f) QuantizedTensor serialization ---------------------------------------------------
+@pytest.mark.parametrize("search", ["minmax", "mse"])
+def test_quantized_tensor_tensors_round_trip(fmt, search):
+    w = random_weight(3)
+    qt = quantize_weight(w, spec_for(fmt, scale_search=search))
+    meta = json.loads(json.dumps(qt.meta()))
+    back = QuantizedTensor.from_tensors(meta, {k: v.clone() for k, v in qt.to_tensors().items()})
+    assert torch.equal(back.dequantize(), qt.dequantize())
+    assert torch.equal(back.scale, qt.scale)
+
+
+def test_mse_search_never_worse_than_minmax(fmt):
+    w = random_weight(4)
+    err = {s: (quantize_weight(w, spec_for(fmt, scale_search=s)).dequantize() - w).pow(2).sum()
+           for s in ("minmax", "mse")}
+    assert err["mse"] <= err["minmax"] * (1 + 1e-6)
+
+
+def test_pack_round_trip_all_codes(fmt):
+    codes = torch.arange(2**fmt.bits, dtype=torch.uint8).repeat(3)
+    assert torch.equal(unpack(pack(codes, fmt.bits), fmt.bits, codes.numel()), codes)
