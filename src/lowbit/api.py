@@ -33,9 +33,12 @@ def make_plan(model: nn.Module, plan: Plan) -> list[Rule]:
     raise LowbitError(f"a plan must be a scheme string, a QuantSpec or a list of Rule, not {type(plan).__name__}")
 
 
-def quantize(model: nn.Module, plan: Plan = "w4g128", progress: bool = True) -> nn.Module:
-    """Round-to-nearest quantization of ``model`` in place under ``plan``; returns ``model``."""
-    return quantize_model(model, make_plan(model, plan), progress=progress)
+def quantize(model: nn.Module, plan: Plan = "w4g128", method: str = "rtn", progress: bool = True) -> nn.Module:
+    """Quantize ``model`` in place under ``plan`` (default: round-to-nearest); returns ``model``.
+
+    ``method``: "rtn" (round-to-nearest) or "nupes" (data-free power-exponent search per tensor).
+    """
+    return quantize_model(model, make_plan(model, plan), method=method, progress=progress)
 
 
 def save(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False):

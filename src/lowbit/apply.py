@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.errors import LowbitError
 from lowbit.plan import resolve_targets
 from lowbit.qtensor import QuantizedTensor
-from lowbit.quantizer import quantize_weight
 from lowbit.spec import Rule
 
 _ATTR = "_lowbit_qtensors"
@@ -37,13 +37,24 @@ def quantized_tensors(model: nn.Module) -> Iterator[tuple[str, str, QuantizedTen
             yield name, param, qt, getattr(module, param).dtype
 
 
-def quantize_model(model: nn.Module, plan: list[Rule], progress: bool = True) -> nn.Module:
-    """Round-to-nearest every tensor that ``plan`` selects, in place; returns ``model``."""
+def data_free_methods() -> dict:
+    """Name -> ``solve(weight, spec, layout, name) -> QuantizedTensor`` for methods without data."""
+    from lowbit.algorithms.nupes import nupes
+    from lowbit.algorithms.rtn import rtn
+
+    return {"rtn": rtn, "nupes": nupes}
+
+
+def quantize_model(model: nn.Module, plan: list[Rule], method: str = "rtn", progress: bool = True) -> nn.Module:
+    """Quantize every tensor that ``plan`` selects with a data-free ``method``, in place."""
+    methods = data_free_methods()
+    if method not in methods:
+        raise LowbitError(f"unknown method {method!r}; available: {', '.join(methods)}")
+    solve = methods[method]
     pairs = resolve_targets(model, plan)
     modules = dict(model.named_modules())
-    for target, spec in tqdm(pairs, desc="quantize (rtn)", unit="tensor", disable=not progress):
+    for target, spec in tqdm(pairs, desc=f"quantize ({method})", unit="tensor", disable=not progress):
         module = modules[target.module_name]
         w = getattr(module, target.param)
-        qt = quantize_weight(w, spec, target.layout, name=target.key)
-        attach(module, target.param, qt, w.dtype)
+        attach(module, target.param, solve(w, spec, target.layout, target.key), w.dtype)
     return model

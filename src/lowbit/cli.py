@@ -55,7 +55,7 @@ def quantize(
     scheme: str = typer.Option(..., "--scheme", "-s", help=f"A preset ({', '.join(presets())}) or a spec "
                                "string FORMAT[:tensor|channel|gN|bRxC][:mse][:scale=DTYPE], e.g. uint4_fz:g32."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
-    method: str = typer.Option("rtn", "--method", help="Quantization method: rtn."),
+    method: str = typer.Option("rtn", "--method", help="rtn (round-to-nearest) or nupes (power exponent search)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Override the group size."),
     scale_search: Optional[str] = typer.Option(None, "--scale-search", help="minmax or mse."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
@@ -67,14 +67,16 @@ def quantize(
     from lowbit.report import bits_per_weight, folder_bytes
     from lowbit.schemes import describe, parse_scheme
 
-    if method != "rtn":
-        raise LowbitError(f"unknown method {method!r}; available: rtn")
+    from lowbit.apply import data_free_methods
+
+    if method not in data_free_methods():
+        raise LowbitError(f"unknown method {method!r}; available: {', '.join(data_free_methods())}")
     spec = parse_scheme(scheme, group_size, scale_search)
     if out.exists() and not overwrite:
         raise LowbitError(f"output folder {out} already exists; choose another --out or pass --overwrite")
     loaded = load_model(model, allow_pickle=allow_pickle)
     t0 = time.perf_counter()
-    api.quantize(loaded.model, spec)
+    api.quantize(loaded.model, spec, method=method)
     seconds = time.perf_counter() - t0
     api.save(loaded.model, out, tokenizer=loaded.tokenizer, overwrite=overwrite)
     table = Table("model", "scheme", "bits/weight", "size on disk", "seconds")

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lowbit.errors import LowbitError
 from lowbit.formats.grid import PowerFormat
+from lowbit.qtensor import QuantizedTensor
 from lowbit.quantizer import quantize_weight
 from lowbit.spec import Granularity, QuantSpec
 
@@ -68,3 +69,22 @@ def exponent_curve(weight: Tensor, bits: int, granularity: Granularity, grid: Te
     """Reconstruction error at every exponent of ``grid`` (1-D), as a float64 tensor."""
     errs = [reconstruction_error(weight, bits, float(a), granularity, scale_dtype) for a in grid]
     return torch.tensor(errs, dtype=torch.float64)
+
+
+def nupes(weight: Tensor, spec: QuantSpec, layout: str = "rows", name: str = "weight") -> QuantizedTensor:
+    """Data-free NUPES: search this tensor's exponent, then quantize to ``PowerFormat(bits, a)``.
+
+    ``spec.format`` gives the bit width (a power or a symmetric int format); the exponent is
+    searched on the weight's matrix view at the spec's granularity and recorded in the
+    returned tensor's spec, so every tensor carries its own ``a``.
+    """
+    from dataclasses import replace
+
+    from lowbit.qtensor import matrix_view
+
+    fmt = spec.format
+    if not (isinstance(fmt, PowerFormat) or (fmt.family == "int" and fmt.symmetric)):
+        raise LowbitError(f"method nupes needs a power or symmetric int format, not {fmt.name}; try pow4_a0.5:g64")
+    m = matrix_view(weight.detach().float(), layout)
+    a = search_exponent(m, fmt.bits, spec.granularity, scale_dtype=spec.scale_dtype)
+    return quantize_weight(weight, replace(spec, format=PowerFormat(fmt.bits, a)), layout, name)

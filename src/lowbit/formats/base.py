@@ -181,7 +181,7 @@ def nearest_code(x: Tensor, values: Tensor) -> Tensor:
         keep[drop] = False
     v, codes = v[keep], codes[keep]
     mid = (v[1:] + v[:-1]) / 2
-    xd = x.double()
+    xd = x.to(torch.float64, memory_format=torch.contiguous_format)
     idx = torch.bucketize(xd, mid)  # mid[i-1] < x <= mid[i] -> i ; ties land on the lower side
     tie = torch.zeros_like(idx, dtype=torch.bool)
     inner = idx < mid.numel()
