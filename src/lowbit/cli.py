@@ -94,6 +94,7 @@ def eval_(
     windows: Optional[int] = typer.Option(None, "--windows", help="Number of windows (default: all)."),
     reference: Optional[str] = typer.Option(None, "--reference", help="Original model, to report KL."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (trusted only)."),
 ) -> None:
     """Perplexity of MODEL (and KL against --reference) on non-overlapping windows."""
     from lowbit.eval import eval_text, evaluate, token_windows
@@ -101,8 +102,8 @@ def eval_(
 
     if seq_len < 2:
         raise LowbitError(f"--seq-len {seq_len} is too small; use at least 2")
-    loaded = load_model(model)
-    ref = load_model(reference).model if reference else None
+    loaded = load_model(model, allow_pickle=allow_pickle)
+    ref = load_model(reference, allow_pickle=allow_pickle).model if reference else None
     if loaded.tokenizer is None:
         raise LowbitError(f"{model} has no tokenizer files; save the tokenizer next to the model")
     ids = token_windows(loaded.tokenizer, eval_text(corpus), seq_len, windows)
@@ -118,14 +119,15 @@ def eval_(
 @app.command()
 def demo(
     scheme: str = typer.Option("w4g64-asym", "--scheme", "-s", help="Preset or spec string."),
-    windows: int = typer.Option(16, "--windows", help="Evaluation windows of --seq-len tokens."),
+    windows: int = typer.Option(32, "--windows", help="Evaluation windows of --seq-len tokens."),
     seq_len: int = typer.Option(512, "--seq-len"),
     out: Optional[Path] = typer.Option(None, "--out", help="Keep the quantized folder here."),
+    model: str = typer.Option("smollm2-135m", "--model", help="Another causal LM to demo on."),
 ) -> None:
     """Quantize SmolLM2-135M, evaluate before and after, and show one generation from each."""
     from lowbit.demo import run_demo
 
-    run_demo(console, scheme=scheme, windows=windows, seq_len=seq_len, out=out)
+    run_demo(console, scheme=scheme, windows=windows, seq_len=seq_len, out=out, source=model)
 
 
 def _mib(n: int) -> str:

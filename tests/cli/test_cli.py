@@ -123,3 +123,12 @@ def test_pickle_checkpoint_refused(tmp_path, run):
     (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"not really a pickle")
     r = run("quantize", str(tmp_path / "m"), "-s", "w8", "-o", str(tmp_path / "o"))
     _assert_one_line_error(r, "pickle", "--allow-pickle")
+
+
+def test_demo_on_a_tiny_model(tiny_llama_dir, tmp_path, run):
+    r = run("demo", "--model", str(tiny_llama_dir), "--scheme", "w4g32-asym", "--windows", "2", "--seq-len", "32",
+            "--out", str(tmp_path / "demo"))
+    assert r.returncode == 0, r.stderr
+    for word in ("perplexity", "KL", "uint4:g32", "fp32", "prompt"):
+        assert word in r.stdout, word
+    assert (tmp_path / "demo" / "lowbit.json").is_file()
