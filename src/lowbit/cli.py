@@ -4,6 +4,7 @@ Bad input prints one line naming the problem and the fix, and exits with code 2.
 """
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -60,8 +61,13 @@ def quantize(
     scale_search: Optional[str] = typer.Option(None, "--scale-search", help="minmax or mse."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (trusted only)."),
+    evaluate: bool = typer.Option(False, "--eval", help="Report perplexity and KL before and after."),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="--eval text file (default: pydoc eval half)."),
+    seq_len: int = typer.Option(512, "--seq-len", help="--eval tokens per window."),
+    windows: int = typer.Option(32, "--windows", help="--eval number of windows."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write the numbers to this JSON file."),
 ) -> None:
-    """Quantize MODEL with SCHEME and save it to OUT."""
+    """Quantize MODEL with SCHEME and save it to OUT (add --eval for the before/after report)."""
     from lowbit import api
     from lowbit.hf.load import load_model
     from lowbit.report import bits_per_weight, folder_bytes
@@ -75,15 +81,27 @@ def quantize(
     if out.exists() and not overwrite:
         raise LowbitError(f"output folder {out} already exists; choose another --out or pass --overwrite")
     loaded = load_model(model, allow_pickle=allow_pickle)
+    if evaluate and loaded.tokenizer is None:
+        raise LowbitError(f"{model} has no tokenizer files, so --eval cannot tokenize text; drop --eval")
+    original = copy.deepcopy(loaded.model) if evaluate else None
     t0 = time.perf_counter()
     api.quantize(loaded.model, spec, method=method)
     seconds = time.perf_counter() - t0
     api.save(loaded.model, out, tokenizer=loaded.tokenizer, overwrite=overwrite)
-    table = Table("model", "scheme", "bits/weight", "size on disk", "seconds")
-    table.add_row(loaded.name, describe(spec), f"{bits_per_weight(loaded.model) or 0:.3f}",
-                  _mib(folder_bytes(out)), f"{seconds:.1f}")
+    numbers = {"model": loaded.name, "scheme": describe(spec), "method": method, "out": str(out),
+               "bits_per_weight": bits_per_weight(loaded.model), "bytes": folder_bytes(out), "quantize_seconds": seconds}
+    table = Table("model", "scheme", "method", "bits/weight", "size on disk", "seconds")
+    table.add_row(loaded.name, describe(spec), method, f"{numbers['bits_per_weight'] or 0:.3f}",
+                  _mib(numbers["bytes"]), f"{seconds:.1f}")
     console.print(table)
     console.print(f"saved to {out}")
+    if evaluate:
+        from lowbit.compare import compare, print_comparison
+
+        numbers["eval"] = compare(original, loaded.model, loaded.tokenizer, out, seconds, corpus, seq_len, windows)
+        print_comparison(console, numbers["eval"], title=loaded.name, scheme=describe(spec))
+    if report is not None:
+        report.write_text(json.dumps(numbers, indent=1, sort_keys=True) + "\n")
 
 
 @app.command("eval")

@@ -129,6 +129,17 @@ def test_demo_on_a_tiny_model(tiny_llama_dir, tmp_path, run):
     r = run("demo", "--model", str(tiny_llama_dir), "--scheme", "w4g32-asym", "--windows", "2", "--seq-len", "32",
             "--out", str(tmp_path / "demo"))
     assert r.returncode == 0, r.stderr
-    for word in ("perplexity", "KL", "uint4:g32", "fp32", "prompt"):
+    for word in ("perplexity", "KL", "uint4:g32", "float32", "prompt"):
         assert word in r.stdout, word
     assert (tmp_path / "demo" / "lowbit.json").is_file()
+
+
+def test_quantize_with_eval_reports_the_cost(tiny_llama_dir, tmp_path, run):
+    r = run("quantize", str(tiny_llama_dir), "-s", "int3:g32:mse", "-o", str(tmp_path / "q"), "--eval",
+            "--windows", "2", "--seq-len", "32", "--report", str(tmp_path / "r.json"))
+    assert r.returncode == 0, r.stderr
+    numbers = json.loads((tmp_path / "r.json").read_text())
+    ev = numbers["eval"]
+    assert ev["windows"] == 2 and ev["after"]["kl"] > 0 and ev["before"]["ppl"] > 1
+    assert numbers["bits_per_weight"] == pytest.approx(3 + 16 / 32)
+    assert "perplexity" in r.stdout and "int3:g32:mse" in r.stdout
