@@ -135,6 +135,24 @@ def eval_(
 
 
 @app.command()
+def inspect(folder: Path = typer.Argument(..., help="A folder saved by lowbit.")) -> None:
+    """Show what a lowbit folder holds: every quantized tensor with its spec and bits."""
+    from lowbit.io import read_manifest
+    from lowbit.schemes import describe
+    from lowbit.spec import QuantSpec
+
+    if not folder.exists():
+        raise LowbitError(f"folder {folder} does not exist; give a folder written by `lowbit quantize`")
+    manifest = read_manifest(folder)
+    table = Table("tensor", "shape", "layout", "spec", title=f"{folder} (lowbit {manifest['lowbit_version']})")
+    for key, meta in sorted(manifest["quantized"].items()):
+        spec = describe(QuantSpec.from_dict(meta["spec"]))
+        table.add_row(key, "×".join(map(str, meta["shape"])), meta["layout"], spec)
+    console.print(table)
+    console.print(f"{len(manifest['quantized'])} quantized tensors; model {manifest['model']['class']}")
+
+
+@app.command()
 def demo(
     scheme: str = typer.Option("w4g64-asym", "--scheme", "-s", help="Preset or spec string."),
     windows: int = typer.Option(32, "--windows", help="Evaluation windows of --seq-len tokens."),

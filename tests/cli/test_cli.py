@@ -143,3 +143,11 @@ def test_quantize_with_eval_reports_the_cost(tiny_llama_dir, tmp_path, run):
     assert ev["windows"] == 2 and ev["after"]["kl"] > 0 and ev["before"]["ppl"] > 1
     assert numbers["bits_per_weight"] == pytest.approx(3 + 16 / 32)
     assert "perplexity" in r.stdout and "int3:g32:mse" in r.stdout
+
+
+def test_inspect_lists_quantized_tensors(tiny_llama_dir, tmp_path, run):
+    assert run("quantize", str(tiny_llama_dir), "-s", "nf4g32", "-o", str(tmp_path / "q")).returncode == 0
+    r = run("inspect", str(tmp_path / "q"))
+    assert r.returncode == 0, r.stderr
+    assert "model.layers.1.mlp.down_proj" in r.stdout and "nf4:g32" in r.stdout and "14 quantized" in r.stdout
+    _assert_one_line_error(run("inspect", str(tiny_llama_dir)), "not a lowbit folder")
