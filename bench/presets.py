@@ -31,7 +31,7 @@ from lowbit.report import bits_per_weight, folder_bytes  # noqa: E402
 from lowbit.schemes import describe, parse_scheme  # noqa: E402
 
 PRESETS = ["w8", "w8-asym", "w4g128", "w4g128-asym", "w4g64-asym", "w4g32", "w4g32-asym", "w4g32-asym-fz",
-           "uint4:g128:mse", "w3g128", "w3g128-asym", "int3:g128:mse", "w2g64-asym", "fp8", "fp4", "nf4g64",
+           "uint4:g128:mse", "w3g128", "w3g128-asym", "uint3:g128:mse", "uint3:g128:lp3", "w2g64-asym", "fp8", "fp4", "nf4g64",
            "mxfp4", "nvfp4"]
 OUT = HERE / "out" / "presets"
 MARK_BEGIN, MARK_END = "<!-- presets:begin -->", "<!-- presets:end -->"

@@ -58,7 +58,7 @@ def quantize(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
     method: str = typer.Option("rtn", "--method", help="rtn (round-to-nearest) or nupes (power exponent search)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Override the group size."),
-    scale_search: Optional[str] = typer.Option(None, "--scale-search", help="minmax or mse."),
+    scale_search: Optional[str] = typer.Option(None, "--scale-search", help="minmax, mse or lpP (e.g. lp3)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (trusted only)."),
     evaluate: bool = typer.Option(False, "--eval", help="Report perplexity and KL before and after."),

@@ -4,11 +4,12 @@ A preset is a short name (``w4g128``, ``nvfp4``); int presets have an ``-asym`` 
 integer zero point and an ``-asym-fz`` variant with a float zero equal to the block minimum
 (GGUF Q4_1 / HQQ style). A spec string spells a spec out::
 
-    FORMAT[:GRANULARITY][:mse][:scale=DTYPE]
+    FORMAT[:GRANULARITY][:mse|:lpP][:scale=DTYPE]
 
     FORMAT       a name from `lowbit formats` (int4, uint4, uint4_fz, fp8_e4m3fn, nf4, mxfp4, ...)
     GRANULARITY  tensor | channel | gN (groups of N) | bRxC (R×C tiles); default channel
-    mse          search the clipping ratio per block instead of min-max
+    mse          search the clipping ratio per block (squared error) instead of min-max
+    lpP          the same search with the error norm sum |err|^P (lp3 is a good choice at 3 bits)
     scale=DTYPE  float16 (default), bfloat16 or float32
 
 for example ``uint4_fz:g32``, ``fp8_e4m3fn:channel``, ``int3:g128:mse``.
@@ -67,8 +68,8 @@ def parse_scheme(scheme: str, group_size: int | None = None, scale_search: str |
     gran: Granularity = PerGroup(fmt.fixed_block) if fmt.fixed_block else PerChannel()
     search, scale_dtype = "minmax", "float16"
     for p in parts[1:]:
-        if p == "mse":
-            search = "mse"
+        if p == "mse" or re.fullmatch(r"lp[\d.]+", p):
+            search = p
         elif p.startswith("scale="):
             scale_dtype = p.removeprefix("scale=")
         else:
@@ -96,8 +97,8 @@ def describe(spec: QuantSpec) -> str:
     gran = {PerTensor: lambda: "tensor", PerChannel: lambda: "channel",
             PerGroup: lambda: f"g{g.size}", PerBlock: lambda: f"b{g.rows}x{g.cols}"}[type(g)]()
     text = f"{spec.format.name}:{gran}"
-    if spec.scale_search == "mse":
-        text += ":mse"
+    if spec.scale_search != "minmax":
+        text += f":{spec.scale_search}"
     if spec.scale_dtype != "float16":
         text += f":scale={spec.scale_dtype}"
     return text

@@ -58,7 +58,19 @@ class PerBlock:
 Granularity = Union[PerTensor, PerChannel, PerGroup, PerBlock]
 _GRANULARITIES = {c.__name__: c for c in (PerTensor, PerChannel, PerGroup, PerBlock)}
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SCALE_SEARCHES = ("minmax", "mse")
+SCALE_SEARCHES = ("minmax", "mse", "lpP (e.g. lp3)")
+
+
+def search_norm(scale_search: str) -> float | None:
+    """The error norm p of a scale search: None for "minmax", 2 for "mse", P for "lpP"."""
+    if scale_search == "minmax":
+        return None
+    if scale_search == "mse":
+        return 2.0
+    m = re.fullmatch(r"lp(\d+(?:\.\d+)?)", scale_search)
+    if m is None or float(m.group(1)) <= 0:
+        raise LowbitError(f"scale_search {scale_search!r} unknown; use minmax, mse or lpP with P > 0 (e.g. lp3)")
+    return float(m.group(1))
 
 
 def tile_of(g: Granularity, rows: int, cols: int) -> tuple[int, int]:
@@ -78,7 +90,8 @@ class QuantSpec:
 
     scale_dtype: storage of scales and float zeros ("float16", "bfloat16" or "float32"); formats
     with a dictated scale encoding (MX's e8m0, NVFP4's e4m3) ignore it.
-    scale_search: "minmax" or "mse" (grid search over clipping ratios, per block).
+    scale_search: "minmax" (cover each block's range), "mse" (per block, the clipping ratio with
+    the least squared error) or "lpP" (the same with the error norm ``sum |err|^P``, e.g. lp3).
     """
 
     format: Format
@@ -89,8 +102,7 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if self.scale_dtype not in SCALE_DTYPES:
             raise LowbitError(f"scale_dtype {self.scale_dtype!r} unknown; use one of {sorted(SCALE_DTYPES)}")
-        if self.scale_search not in SCALE_SEARCHES:
-            raise LowbitError(f"scale_search {self.scale_search!r} unknown; use one of {SCALE_SEARCHES}")
+        search_norm(self.scale_search)  # validates
         fb = self.format.fixed_block
         if fb is not None and self.granularity != PerGroup(fb):
             raise LowbitError(f"format {self.format.name} uses blocks of {fb}; use PerGroup({fb})")
