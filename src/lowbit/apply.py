@@ -21,13 +21,19 @@ from lowbit.spec import Rule
 _ATTR = "_lowbit_qtensors"
 
 
-def attach(module: nn.Module, param: str, qt: QuantizedTensor, dtype: torch.dtype) -> None:
-    """Swap ``module.<param>`` for ``qt``; the module then computes with ``qt.dequantize(dtype)``."""
+def attach(module: nn.Module, param: str, qt: QuantizedTensor, dtype: torch.dtype,
+           weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Swap ``module.<param>`` for ``qt``; the module then computes with ``qt.dequantize(dtype)``.
+
+    Pass ``weight`` (that dequantized tensor) to share it between tied modules. Returns it.
+    """
     if param in module._parameters:
         del module._parameters[param]
-    module.register_buffer(param, qt.dequantize(dtype), persistent=False)
+    weight = qt.dequantize(dtype) if weight is None else weight
+    module.register_buffer(param, weight, persistent=False)
     store = module.__dict__.setdefault(_ATTR, {})
     store[param] = qt
+    return weight
 
 
 def quantized_tensors(model: nn.Module) -> Iterator[tuple[str, str, QuantizedTensor, torch.dtype]]:
@@ -53,8 +59,35 @@ def quantize_model(model: nn.Module, plan: list[Rule], method: str = "rtn", prog
     solve = methods[method]
     pairs = resolve_targets(model, plan)
     modules = dict(model.named_modules())
+    _check_all(pairs, modules)  # refuse bad input before any module changes
+    owners = _owners(model)
     for target, spec in tqdm(pairs, desc=f"quantize ({method})", unit="tensor", disable=not progress):
         module = modules[target.module_name]
         w = getattr(module, target.param)
-        attach(module, target.param, solve(w, spec, target.layout, target.key), w.dtype)
+        if not isinstance(w, nn.Parameter):
+            continue  # a tied twin of a tensor quantized earlier in this loop
+        qt = solve(w, spec, target.layout, target.key)
+        weight = None
+        for owner, pname in owners[id(w)]:  # tied weights (lm_head = embeddings) stay tied
+            weight = attach(owner, pname, qt, w.dtype, weight)
     return model
+
+
+def _check_all(pairs: list, modules: dict[str, nn.Module]) -> None:
+    from lowbit.qtensor import matrix_view
+    from lowbit.quantizer import check_weight
+
+    for target, spec in pairs:
+        if target.quantized:
+            raise LowbitError(f"{target.key} is already quantized; quantize the original model instead")
+        m = matrix_view(getattr(modules[target.module_name], target.param).detach(), target.layout)
+        check_weight(m, spec, *m.shape, name=target.key)
+
+
+def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(parameter) -> every (module, name) that holds it; tied parameters have several."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for pname, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((module, pname))
+    return owners

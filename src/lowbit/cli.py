@@ -69,20 +69,28 @@ def quantize(
 ) -> None:
     """Quantize MODEL with SCHEME and save it to OUT (add --eval for the before/after report)."""
     from lowbit import api
-    from lowbit.hf.load import load_model
+    from lowbit.apply import data_free_methods
+    from lowbit.compare import check_eval_args, check_fits
+    from lowbit.eval import eval_text
+    from lowbit.hf.load import load_lowbit, load_model
     from lowbit.report import bits_per_weight, folder_bytes
     from lowbit.schemes import describe, parse_scheme
-
-    from lowbit.apply import data_free_methods
 
     if method not in data_free_methods():
         raise LowbitError(f"unknown method {method!r}; available: {', '.join(data_free_methods())}")
     spec = parse_scheme(scheme, group_size, scale_search)
     if out.exists() and not overwrite:
         raise LowbitError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+    _check_writable(report)
+    text = None
+    if evaluate:  # check everything --eval needs before the long work starts
+        check_eval_args(seq_len, windows)
+        text = eval_text(corpus)
     loaded = load_model(model, allow_pickle=allow_pickle)
-    if evaluate and loaded.tokenizer is None:
-        raise LowbitError(f"{model} has no tokenizer files, so --eval cannot tokenize text; drop --eval")
+    if evaluate:
+        if loaded.tokenizer is None:
+            raise LowbitError(f"{model} has no tokenizer files, so --eval cannot tokenize text; drop --eval")
+        check_fits(loaded.model, seq_len)
     original = copy.deepcopy(loaded.model) if evaluate else None
     t0 = time.perf_counter()
     api.quantize(loaded.model, spec, method=method)
@@ -98,7 +106,9 @@ def quantize(
     if evaluate:
         from lowbit.compare import compare, print_comparison
 
-        numbers["eval"] = compare(original, loaded.model, loaded.tokenizer, out, seconds, corpus, seq_len, windows)
+        reloaded = load_lowbit(out).model  # evaluate what was saved, not what is in memory
+        numbers["eval"] = compare(original, reloaded, loaded.tokenizer, out, seconds, text,
+                                  str(corpus) if corpus else "pydoc evaluation half", seq_len, windows)
         print_comparison(console, numbers["eval"], title=loaded.name, scheme=describe(spec))
     if report is not None:
         report.write_text(json.dumps(numbers, indent=1, sort_keys=True) + "\n")
@@ -115,16 +125,18 @@ def eval_(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (trusted only)."),
 ) -> None:
     """Perplexity of MODEL (and KL against --reference) on non-overlapping windows."""
+    from lowbit.compare import check_eval_args, check_fits
     from lowbit.eval import eval_text, evaluate, token_windows
     from lowbit.hf.load import load_model
 
-    if seq_len < 2:
-        raise LowbitError(f"--seq-len {seq_len} is too small; use at least 2")
+    check_eval_args(seq_len, windows)
+    text = eval_text(corpus)
     loaded = load_model(model, allow_pickle=allow_pickle)
-    ref = load_model(reference, allow_pickle=allow_pickle).model if reference else None
     if loaded.tokenizer is None:
         raise LowbitError(f"{model} has no tokenizer files; save the tokenizer next to the model")
-    ids = token_windows(loaded.tokenizer, eval_text(corpus), seq_len, windows)
+    ref = load_model(reference, allow_pickle=allow_pickle).model if reference else None
+    check_fits(loaded.model, seq_len, ref)
+    ids = token_windows(loaded.tokenizer, text, seq_len, windows)
     result = evaluate(loaded.model, ids, reference=ref, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(result, sort_keys=True))
@@ -158,12 +170,18 @@ def demo(
     windows: int = typer.Option(32, "--windows", help="Evaluation windows of --seq-len tokens."),
     seq_len: int = typer.Option(512, "--seq-len"),
     out: Optional[Path] = typer.Option(None, "--out", help="Keep the quantized folder here."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
     model: str = typer.Option("smollm2-135m", "--model", help="Another causal LM to demo on."),
 ) -> None:
     """Quantize SmolLM2-135M, evaluate before and after, and show one generation from each."""
     from lowbit.demo import run_demo
 
-    run_demo(console, scheme=scheme, windows=windows, seq_len=seq_len, out=out, source=model)
+    run_demo(console, scheme=scheme, windows=windows, seq_len=seq_len, out=out, source=model, overwrite=overwrite)
+
+
+def _check_writable(path: Optional[Path]) -> None:
+    if path is not None and not path.parent.is_dir():
+        raise LowbitError(f"cannot write {path}: folder {path.parent} does not exist")
 
 
 def _mib(n: int) -> str:

@@ -12,18 +12,23 @@ PROMPT = "Explain in one sentence what quantization does to a neural network."
 
 
 def run_demo(console: Console, scheme: str, windows: int, seq_len: int, out: Path | None,
-             source: str = "smollm2-135m") -> dict:
+             source: str = "smollm2-135m", overwrite: bool = False) -> dict:
     """Load, quantize, save, reload, evaluate both, print the table; returns the numbers.
 
     ``source`` is SmolLM2-135M by default; any causal LM that ``load_model`` accepts works.
     """
     from lowbit import api
-    from lowbit.compare import compare, print_comparison
+    from lowbit.compare import check_eval_args, compare, print_comparison
+    from lowbit.errors import LowbitError
+    from lowbit.eval import eval_text
     from lowbit.hf.load import load_lowbit, load_model
     from lowbit.report import greedy
     from lowbit.schemes import describe, parse_scheme
 
     spec = parse_scheme(scheme)
+    check_eval_args(seq_len, windows)
+    if out is not None and out.exists() and not overwrite:
+        raise LowbitError(f"output folder {out} already exists; choose another --out or pass --overwrite")
     with console.status(f"loading {source}"):
         original = load_model(source)
     model, tok = original.model, original.tokenizer
@@ -33,9 +38,9 @@ def run_demo(console: Console, scheme: str, windows: int, seq_len: int, out: Pat
     seconds = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         folder = out or Path(tmp) / "quantized"
-        api.save(quant, folder, tokenizer=tok, overwrite=out is not None)
+        api.save(quant, folder, tokenizer=tok, overwrite=overwrite)
         reloaded = load_lowbit(folder).model  # evaluate what was saved, not what is in memory
-        numbers = compare(model, reloaded, tok, folder, seconds, seq_len=seq_len, windows=windows)
+        numbers = compare(model, reloaded, tok, folder, seconds, eval_text(None), seq_len=seq_len, windows=windows)
     print_comparison(console, numbers, title=original.name, scheme=describe(spec))
     console.print(f"[bold]prompt[/]: {PROMPT}")
     console.print(f"[bold]original[/]:  {greedy(model, tok, PROMPT)}")

@@ -29,21 +29,26 @@ class Target:
     param: str
     layout: str
     kind: str  # "linear", "conv", "embedding" or "experts"
+    quantized: bool = False  # already holds a QuantizedTensor
 
 
 def targets(model: nn.Module) -> list[Target]:
-    """Every tensor lowbit knows how to quantize, in module order."""
+    """Every tensor lowbit knows how to quantize (or already has), in module order."""
     out = []
     for name, module in model.named_modules():
+        done = module.__dict__.get("_lowbit_qtensors", {})
         kind = _kind(module)
         if kind in ("linear", "conv", "embedding"):
             layout = "transposed" if type(module).__name__ == "Conv1D" else "rows"
-            if isinstance(getattr(module, "weight", None), nn.Parameter):
-                out.append(Target(name, name, "weight", layout, kind))
+            if isinstance(getattr(module, "weight", None), nn.Parameter) or "weight" in done:
+                out.append(Target(name, name, "weight", layout, kind, "weight" in done))
             continue
         for pname, p in module.named_parameters(recurse=False):
             if p.dim() == 3:
                 out.append(Target(f"{name}.{pname}", name, pname, "experts", "experts"))
+        for pname, qt in done.items():
+            if qt.layout == "experts":
+                out.append(Target(f"{name}.{pname}", name, pname, "experts", "experts", True))
     return out
 
 
@@ -58,16 +63,20 @@ def _kind(module: nn.Module) -> str | None:
 
 
 def default_plan(model: nn.Module, spec: QuantSpec) -> list[Rule]:
-    """Every Linear (and fused expert tensor) inside the repeated blocks gets ``spec``.
+    """Every Linear and fused expert tensor inside the repeated blocks gets ``spec``.
 
-    lm_head, embeddings and routers are left alone. A model without repeated blocks (a plain
-    MLP or CNN) gets ``spec`` on every Linear and Conv layer.
+    lm_head, embeddings, convolutions inside blocks and routers are left alone. A model without
+    repeated blocks (a plain MLP or CNN) gets ``spec`` on every Linear and Conv layer. The plan
+    names each tensor explicitly (one anchored rule per tensor), so it reads as what it does.
     """
     blocks = find_blocks(model)
     if blocks is None:
         keys = [t.key for t in targets(model) if t.kind in ("linear", "conv")]
-        return [Rule(f"^{re.escape(k)}$", spec) for k in keys]
-    return [Rule(rf"^{re.escape(blocks[0])}\.\d+\.", spec), Rule(ROUTER_PATTERN, None)]
+    else:
+        inside = re.compile(rf"^{re.escape(blocks[0])}\.\d+\.")
+        keys = [t.key for t in targets(model) if t.kind in ("linear", "experts") and inside.match(t.key)
+                and not re.search(ROUTER_PATTERN, t.key)]
+    return [Rule(f"^{re.escape(k)}$", spec) for k in keys]
 
 
 def resolve_targets(model: nn.Module, plan: list[Rule]) -> list[tuple[Target, QuantSpec]]:

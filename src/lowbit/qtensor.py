@@ -93,7 +93,8 @@ class QuantizedTensor:
     packed:       (ceil(rows*cols*bits/8),) uint8, codes of the matrix view in row-major order.
     scale:        (grid_rows, grid_cols) float32 scale grid (values exactly representable in
                   the spec's scale storage).
-    zero:         same shape float32 or None; integer zero points or float offsets.
+    zero:         same shape float32 or None; integer zero points (stored packed at the
+                  format's bit width) or float offsets (stored in the scale dtype).
     global_scale: () float32 or None.
     shape:        the original weight shape; ``layout`` says how it maps to the matrix view.
     """
@@ -157,8 +158,11 @@ class QuantizedTensor:
         storage = scale_storage(self.spec)
         out = {"codes": self.packed, "scale": encode_scale(self.scale, storage)}
         if self.zero is not None:
-            kind = self.spec.format.zero_kind
-            out["zero"] = self.zero.to(torch.uint8) if kind == "int" else self.zero.to(SCALE_DTYPES[self.spec.scale_dtype])
+            fmt = self.spec.format
+            if fmt.zero_kind == "int":  # integer zero points are packed at the format's bit width
+                out["zero"] = pack(self.zero.reshape(-1).to(torch.int64), fmt.bits)
+            else:
+                out["zero"] = self.zero.to(SCALE_DTYPES[self.spec.scale_dtype])
         if self.global_scale is not None:
             out["global_scale"] = self.global_scale.reshape(1).to(torch.float32)
         return out
@@ -169,14 +173,17 @@ class QuantizedTensor:
     @classmethod
     def from_tensors(cls, meta: dict, tensors: dict[str, Tensor]) -> "QuantizedTensor":
         spec = QuantSpec.from_dict(meta["spec"])
+        scale = decode_scale(tensors["scale"], scale_storage(spec))
         zero = tensors.get("zero")
+        if zero is not None and spec.format.zero_kind == "int":
+            zero = unpack(zero, spec.format.bits, scale.numel()).reshape(scale.shape)
         gs = tensors.get("global_scale")
         return cls(
             spec=spec,
             shape=tuple(meta["shape"]),
             layout=meta["layout"],
             packed=tensors["codes"],
-            scale=decode_scale(tensors["scale"], scale_storage(spec)),
+            scale=scale,
             zero=None if zero is None else zero.to(torch.float32),
             global_scale=None if gs is None else gs.reshape(()).to(torch.float32),
         )

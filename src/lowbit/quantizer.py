@@ -26,7 +26,8 @@ def stored_qparams(qp: QParams, spec: QuantSpec) -> QParams:
     scale = round_scale(qp.scale, scale_storage(spec))
     zero = qp.zero
     if zero is not None and spec.format.zero_kind == "float":
-        zero = zero.to(SCALE_DTYPES[spec.scale_dtype]).to(torch.float32)
+        dt = SCALE_DTYPES[spec.scale_dtype]
+        zero = zero.clamp(-torch.finfo(dt).max, torch.finfo(dt).max).to(dt).to(torch.float32)
     return QParams(scale, zero, qp.global_scale)
 
 

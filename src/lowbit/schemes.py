@@ -52,8 +52,13 @@ def presets() -> dict[str, str]:
 
 
 def parse_scheme(scheme: str, group_size: int | None = None, scale_search: str | None = None) -> QuantSpec:
-    """A preset name or spec string -> ``QuantSpec``; ``group_size`` overrides the granularity."""
-    text = presets().get(scheme.strip().lower(), scheme.strip())
+    """A preset name or spec string -> ``QuantSpec``; ``group_size`` overrides the granularity.
+
+    A preset may take modifiers like a format does (``w4g128-asym:mse``); names are
+    case-insensitive.
+    """
+    head, _, rest = scheme.strip().lower().partition(":")
+    text = presets().get(head, head) + (":" + rest if rest else "")
     parts = [p for p in text.split(":") if p]
     if not parts:
         raise LowbitError("empty scheme; give a preset such as w4g128 or a spec string such as int4:g128")
@@ -65,17 +70,22 @@ def parse_scheme(scheme: str, group_size: int | None = None, scale_search: str |
             "nvfp4, ...: see `lowbit quantize --help`) or a spec string FORMAT[:GRANULARITY][:mse] "
             "with a format from `lowbit formats`"
         ) from None
-    gran: Granularity = PerGroup(fmt.fixed_block) if fmt.fixed_block else PerChannel()
-    search, scale_dtype = "minmax", "float16"
+    search, scale_dtype, grans = "minmax", "float16", []
     for p in parts[1:]:
         if p == "mse" or re.fullmatch(r"lp[\d.]+", p):
             search = p
         elif p.startswith("scale="):
             scale_dtype = p.removeprefix("scale=")
         else:
-            gran = _granularity(p, scheme)
+            grans.append(_granularity(p, scheme))
+    if len(grans) > 1:
+        raise LowbitError(f"scheme {scheme!r} gives {len(grans)} granularities; give one")
+    gran: Granularity = grans[0] if grans else PerGroup(fmt.fixed_block) if fmt.fixed_block else PerChannel()
     if group_size is not None:
         gran = PerGroup(group_size)
+    if fmt.fixed_block and gran != PerGroup(fmt.fixed_block):
+        raise LowbitError(f"{fmt.name} always uses blocks of {fmt.fixed_block}; drop --group-size or use "
+                          f"g{fmt.fixed_block}")
     return QuantSpec(fmt, gran, scale_dtype=scale_dtype, scale_search=scale_search or search)
 
 

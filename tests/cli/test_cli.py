@@ -151,3 +151,34 @@ def test_inspect_lists_quantized_tensors(tiny_llama_dir, tmp_path, run):
     assert r.returncode == 0, r.stderr
     assert "model.layers.1.mlp.down_proj" in r.stdout and "nf4:g32" in r.stdout and "14 quantized" in r.stdout
     _assert_one_line_error(run("inspect", str(tiny_llama_dir)), "not a lowbit folder")
+
+
+def test_demo_refuses_to_replace_a_folder(tiny_llama_dir, tmp_path, run):
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    r = run("demo", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "precious"), "--windows", "1")
+    _assert_one_line_error(r, "already exists", "--overwrite")
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+
+
+def test_unreadable_model_folders_give_one_line(tmp_path, run):
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text('{"model_type": "llama", "hidden_size": 8}')
+    _assert_one_line_error(run("eval", str(tmp_path / "noweights")), "could not load")
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file")
+    _assert_one_line_error(run("eval", str(tmp_path / "bad.gguf")), "could not load")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "lowbit.json").write_text("{")
+    _assert_one_line_error(run("eval", str(tmp_path / "broken")), "not valid JSON")
+
+
+def test_eval_settings_are_checked_before_work(tiny_llama_dir, tmp_path, run):
+    _assert_one_line_error(run("eval", str(tiny_llama_dir), "--seq-len", "1000"), "context of 256")
+    _assert_one_line_error(run("eval", str(tiny_llama_dir), "--windows", "0"), "--windows 0")
+    r = run("quantize", str(tiny_llama_dir), "-s", "w8", "-o", str(tmp_path / "o"), "--eval", "--corpus",
+            str(tmp_path / "missing.txt"))
+    _assert_one_line_error(r, "missing.txt")
+    assert not (tmp_path / "o").exists()
+    r = run("quantize", str(tiny_llama_dir), "-s", "w8", "-o", str(tmp_path / "o"), "--report",
+            str(tmp_path / "nodir" / "r.json"))
+    _assert_one_line_error(r, "does not exist")

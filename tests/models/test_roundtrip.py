@@ -122,3 +122,36 @@ def test_nan_weights_are_refused():
 def test_group_larger_than_dimension_is_refused():
     with pytest.raises(lowbit.LowbitError, match="larger than"):
         lowbit.quantize(build("llama"), "int4:g128", progress=False)
+
+
+@pytest.mark.parametrize("key", ["^lm_head$", "^model\\.embed_tokens$"])
+def test_tied_embeddings_stay_tied_through_save_and_load(key, tmp_path):
+    model = build("llama")  # tie_word_embeddings=True
+    x = families.example_input("llama")
+    lowbit.quantize(model, [lowbit.Rule(key, lowbit.parse_scheme("int4:g32"))], progress=False)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    quantized = families.output(model, x)
+    lowbit.save(model, tmp_path / "q")
+    reloaded = lowbit.load(tmp_path / "q")
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    assert torch.equal(families.output(reloaded, x), quantized)
+
+
+def test_quantizing_twice_is_refused_and_leaves_the_model_alone():
+    model = build("llama")
+    lowbit.quantize(model, "int4:g32", progress=False)
+    x = families.example_input("llama")
+    before = families.output(model, x)
+    with pytest.raises(lowbit.LowbitError, match="already quantized"):
+        lowbit.quantize(model, "int8:channel", progress=False)
+    assert torch.equal(families.output(model, x), before)
+
+
+def test_bad_input_changes_nothing():
+    """Every tensor is checked before any module is touched."""
+    model = build("mlp")
+    with torch.no_grad():
+        model.net[4].weight[0, 0] = float("inf")  # the last layer
+    with pytest.raises(lowbit.LowbitError):
+        lowbit.quantize(model, "int8:channel", progress=False)
+    assert not list(quantized_tensors(model))

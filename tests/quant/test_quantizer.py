@@ -9,7 +9,7 @@ from lowbit.algorithms.nupes import nupes
 from lowbit.formats import get_format
 from lowbit.formats.grid import PowerFormat
 from lowbit.quantizer import quantize_weight
-from lowbit.spec import PerBlock, PerChannel, PerGroup, QuantSpec
+from lowbit.spec import PerBlock, PerChannel, PerGroup, PerTensor, QuantSpec
 
 
 def q4_1_grid_weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -57,11 +57,19 @@ def test_partial_final_group_matches_separate_quantization():
     assert spec == QuantSpec.from_dict(spec.to_dict())
 
 
-def test_partial_2d_blocks_cover_every_element():
-    w = torch.randn(10, 13, generator=torch.Generator().manual_seed(3))
-    qt = quantize_weight(w, QuantSpec(get_format("int8"), PerBlock(4, 5)))
-    assert qt.scale.shape == (3, 3)
-    assert (qt.dequantize() - w).abs().max() <= qt.scale.max() / 2 + 1e-6
+@pytest.mark.parametrize("fmt", ["int8", "uint3", "fp4_e2m1"])
+@pytest.mark.parametrize("shape,tile", [((10, 13), (4, 5)), ((7, 9), (7, 4)), ((12, 8), (3, 8))])
+def test_2d_blocks_match_a_per_tile_reference(fmt, shape, tile):
+    """Slow reference: cut every (possibly partial) tile out by hand and quantize it as one block."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    qt = quantize_weight(w, QuantSpec(get_format(fmt), PerBlock(*tile)))
+    got = qt.dequantize()
+    assert qt.scale.shape == (-(-shape[0] // tile[0]), -(-shape[1] // tile[1]))
+    for i in range(0, shape[0], tile[0]):
+        for j in range(0, shape[1], tile[1]):
+            t = w[i:i + tile[0], j:j + tile[1]]
+            one = quantize_weight(t.reshape(1, -1), QuantSpec(get_format(fmt), PerTensor())).dequantize()
+            assert torch.equal(got[i:i + tile[0], j:j + tile[1]], one.reshape(t.shape)), (i, j)
 
 
 def test_bits_per_weight_counts_scales_and_zeros():

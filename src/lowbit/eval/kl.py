@@ -59,8 +59,9 @@ def token_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
         ``(B, T)`` float32, clamped at 0 (negative values are only rounding noise).
     """
     ref_logp = ref_logp.to(logp.device)
-    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # (B, T)
-    return kl.clamp_min(0.0)
+    p = ref_logp.exp()
+    terms = torch.where(p > 0, p * (ref_logp - logp), torch.zeros_like(p))  # 0·log 0 = 0, no NaN
+    return terms.sum(-1).clamp_min(0.0)  # (B, T)
 
 
 def kl_divergence(model: Model, reference: Model, windows: Tensor, batch_size: int = 1,

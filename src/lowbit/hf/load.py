@@ -45,7 +45,26 @@ def transformers():
     return tf
 
 
-def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> Loaded:
+def load_model(source: str | os.PathLike, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> Loaded:
+    """Load ``source`` (see the module docstring) for quantization or evaluation.
+
+    ``dtype=None`` keeps a Hugging Face checkpoint's own dtype (bf16 stays bf16) and gives
+    float32 for GGUF files, whose tensors transformers dequantizes. Anything transformers cannot
+    read becomes a ``LowbitError`` that names the path.
+    """
+    try:
+        return _load(source, dtype, allow_pickle)
+    except LowbitError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad folder; name it once
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise LowbitError(
+            f"could not load a model from {source}: {reason}; give a Hugging Face model folder with "
+            "config.json and safetensors weights, a .gguf file, or a lowbit folder"
+        ) from None
+
+
+def _load(source: str | os.PathLike, dtype: torch.dtype | None, allow_pickle: bool) -> Loaded:
     text = str(source)
     if text.lower() in SHORT_NAMES:
         return _load_short(text.lower(), dtype)
@@ -64,7 +83,7 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32, al
     return _load_folder(path, dtype, allow_pickle)
 
 
-def _load_short(name: str, dtype: torch.dtype) -> Loaded:
+def _load_short(name: str, dtype: torch.dtype | None) -> Loaded:
     folder, filename = short_name_path(name)
     loaded = _load_gguf(folder, filename, dtype, kind="smollm2")
     loaded.name = name
@@ -88,15 +107,15 @@ def short_name_path(name: str) -> tuple[Path, str]:
     return folder, filename
 
 
-def _load_gguf(folder: Path, filename: str, dtype: torch.dtype, kind: str) -> Loaded:
+def _load_gguf(folder: Path, filename: str, dtype: torch.dtype | None, kind: str) -> Loaded:
     tf = transformers()
-    model = tf.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=filename, dtype=dtype)
+    model = tf.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=filename, dtype=dtype or torch.float32)
     tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), gguf_file=filename)
     model.eval()
     return Loaded(model, tokenizer, str(folder / filename), kind)
 
 
-def _load_folder(path: Path, dtype: torch.dtype, allow_pickle: bool) -> Loaded:
+def _load_folder(path: Path, dtype: torch.dtype | None, allow_pickle: bool) -> Loaded:
     if not (path / "config.json").is_file():
         raise LowbitError(f"{path} has no config.json; give a Hugging Face model folder or a .gguf file")
     has_safetensors = any(path.glob("*.safetensors"))
@@ -108,7 +127,7 @@ def _load_folder(path: Path, dtype: torch.dtype, allow_pickle: bool) -> Loaded:
         )
     tf = transformers()
     config = tf.AutoConfig.from_pretrained(str(path))
-    model = _from_pretrained(tf, config, str(path), dtype=dtype, use_safetensors=has_safetensors)
+    model = _from_pretrained(tf, config, str(path), dtype=dtype or "auto", use_safetensors=has_safetensors)
     tokenizer = _tokenizer(tf, path)
     model.eval()
     return Loaded(model, tokenizer, str(path), "hf")
@@ -151,7 +170,5 @@ def load_lowbit(path: str | os.PathLike) -> Loaded:
     cls = getattr(tf, manifest["model"]["class"], None) or _model_class(tf, config)
     model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
     model = model.to(getattr(torch, manifest["model"]["dtype"])).eval()
-    load_into(model, path)
-    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
-        model.tie_weights()
+    load_into(model, path)  # the skeleton is already tied; tied quantized tensors share one QuantizedTensor
     return Loaded(model, _tokenizer(tf, path), str(path), "lowbit")
