@@ -20,16 +20,13 @@ def folder_bytes(path: str | os.PathLike) -> int:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's tensors as stored: unique parameters and buffers, plus packed weights."""
+    """Bytes of an unquantized model's state: unique tensors, tied ones counted once."""
     seen, total = set(), 0
-    for t in list(model.parameters()) + [b for _, b in model.named_buffers()]:
+    for t in model.state_dict().values():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key not in seen:
             seen.add(key)
             total += t.numel() * t.element_size()
-    for module_name, param, qt, _ in quantized_tensors(model):
-        dq = getattr(dict(model.named_modules())[module_name], param)
-        total += qt.nbits() // 8 - dq.numel() * dq.element_size()
     return total
 
 
