@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lowbit.errors import LowbitError
+from lowbit.cli_demo import mib
 from lowbit.schemes import presets
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -100,11 +101,12 @@ def quantize(
                "bits_per_weight": bits_per_weight(loaded.model), "bytes": folder_bytes(out), "quantize_seconds": seconds}
     table = Table("model", "scheme", "method", "bits/weight", "size on disk", "seconds")
     table.add_row(loaded.name, describe(spec), method, f"{numbers['bits_per_weight'] or 0:.3f}",
-                  _mib(numbers["bytes"]), f"{seconds:.1f}")
+                  mib(numbers["bytes"]), f"{seconds:.1f}")
     console.print(table)
     console.print(f"saved to {out}")
     if evaluate:
-        from lowbit.compare import compare, print_comparison
+        from lowbit.cli_demo import print_comparison
+        from lowbit.compare import compare
 
         reloaded = load_lowbit(out).model  # evaluate what was saved, not what is in memory
         numbers["eval"] = compare(original, reloaded, loaded.tokenizer, out, seconds, text,
@@ -174,7 +176,7 @@ def demo(
     model: str = typer.Option("smollm2-135m", "--model", help="Another causal LM to demo on."),
 ) -> None:
     """Quantize SmolLM2-135M, evaluate before and after, and show one generation from each."""
-    from lowbit.demo import run_demo
+    from lowbit.cli_demo import run_demo
 
     run_demo(console, scheme=scheme, windows=windows, seq_len=seq_len, out=out, source=model, overwrite=overwrite)
 
@@ -182,10 +184,6 @@ def demo(
 def _check_writable(path: Optional[Path]) -> None:
     if path is not None and not path.parent.is_dir():
         raise LowbitError(f"cannot write {path}: folder {path.parent} does not exist")
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
 
 
 def main() -> None:

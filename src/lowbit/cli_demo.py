@@ -1,4 +1,4 @@
-"""``lowbit demo``: SmolLM2-135M before and after quantization, side by side."""
+"""``lowbit demo`` and the before/after table that it and ``lowbit quantize --eval`` print."""
 from __future__ import annotations
 
 import copy
@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
 PROMPT = "Explain in one sentence what quantization does to a neural network."
 
@@ -18,7 +19,7 @@ def run_demo(console: Console, scheme: str, windows: int, seq_len: int, out: Pat
     ``source`` is SmolLM2-135M by default; any causal LM that ``load_model`` accepts works.
     """
     from lowbit import api
-    from lowbit.compare import check_eval_args, compare, print_comparison
+    from lowbit.compare import check_eval_args, compare
     from lowbit.errors import LowbitError
     from lowbit.eval import eval_text
     from lowbit.hf.load import load_lowbit, load_model
@@ -46,3 +47,21 @@ def run_demo(console: Console, scheme: str, windows: int, seq_len: int, out: Pat
     console.print(f"[bold]original[/]:  {greedy(model, tok, PROMPT)}")
     console.print(f"[bold]quantized[/]: {greedy(reloaded, tok, PROMPT)}")
     return numbers
+
+
+def print_comparison(console: Console, numbers: dict, title: str, scheme: str) -> None:
+    b, a = numbers["before"], numbers["after"]
+    table = Table(title=f"{title}: {numbers['windows']}×{numbers['seq_len']} tokens of the {numbers['corpus']}")
+    for col in ("model", "perplexity", "KL", "size", "bits/w*", "time s"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    table.add_row(b["dtype"], f"{b['ppl']:.3f}", "0", mib(b["bytes"]), "-", "-")
+    table.add_row(scheme, f"{a['ppl']:.3f}", f"{a['kl']:.4f}", mib(a["bytes"]),
+                  f"{a['bits_per_weight']:.3f}", f"{a['quantize_seconds']:.1f}")
+    console.print(table)
+    console.print(f"KL: mean KL(P_original || P_quantized) in nats/token. size: weights on disk. time: quantization.\n"
+                  f"* bits per quantized weight, scales and zeros included (tensors the plan skips keep their dtype). "
+                  f"Evaluating both models took {numbers['eval_seconds']:.0f} s.")
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
