@@ -58,7 +58,6 @@ class PerBlock:
 Granularity = Union[PerTensor, PerChannel, PerGroup, PerBlock]
 _GRANULARITIES = {c.__name__: c for c in (PerTensor, PerChannel, PerGroup, PerBlock)}
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SCALE_SEARCHES = ("minmax", "mse", "lpP (e.g. lp3)")
 
 
 def search_norm(scale_search: str) -> float | None:
