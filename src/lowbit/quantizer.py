@@ -70,22 +70,40 @@ def check_weight(w: Tensor, spec: QuantSpec, rows: int, cols: int, name: str = "
         raise LowbitError(f"block {g.rows}x{g.cols} is larger than {name}'s matrix {rows}x{cols}")
 
 
-def quantize_weight(w: Tensor, spec: QuantSpec, layout: str = "rows", name: str = "weight") -> QuantizedTensor:
-    """Round-to-nearest quantization of one weight tensor (any shape, any float dtype)."""
-    m = matrix_view(w.detach().to(torch.float32), layout)  # (rows, cols)
+def quantize_matrix(m: Tensor, spec: QuantSpec, global_scale: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Round-to-nearest of a (rows, cols) float32 matrix view.
+
+    Returns ``codes`` (rows, cols) uint8 and the ``scale`` / ``zero`` grids
+    (ceil(rows/tr), ceil(cols/tc)) float32 (``zero`` is None for formats without one).
+    """
     rows, cols = m.shape
-    check_weight(m, spec, rows, cols, name)
     fmt: Format = spec.format
     tile = tile_of(spec.granularity, rows, cols)
-    gscale = fmt.global_scale(m)
     scale = grouping.empty_grid((rows, cols), tile)
     zero = grouping.empty_grid((rows, cols), tile) if fmt.zero_kind else None
     codes = torch.empty((rows, cols), dtype=torch.uint8)
     for region in grouping.regions((rows, cols), tile):
         blocks = grouping.to_blocks(m, region)  # (n_blocks, block_size)
-        qp = choose_qparams(blocks, spec, gscale)
+        qp = choose_qparams(blocks, spec, global_scale)
         grouping.from_blocks(fmt.quantize(blocks, qp), region, codes)
         grouping.grid_put(scale, region, qp.scale)
         if zero is not None:
             grouping.grid_put(zero, region, qp.zero)
-    return QuantizedTensor(spec, tuple(w.shape), layout, pack(codes.reshape(-1), fmt.bits), scale, zero, gscale)
+    return codes, scale, zero
+
+
+def pack_matrix(spec: QuantSpec, shape: tuple[int, ...], layout: str, codes: Tensor, scale: Tensor,
+                zero: Tensor | None, global_scale: Tensor | None) -> QuantizedTensor:
+    """Wrap the codes (rows, cols) uint8 and grids of a matrix view into a ``QuantizedTensor``."""
+    return QuantizedTensor(spec, tuple(shape), layout, pack(codes.reshape(-1), spec.format.bits), scale, zero,
+                           global_scale)
+
+
+def quantize_weight(w: Tensor, spec: QuantSpec, layout: str = "rows", name: str = "weight") -> QuantizedTensor:
+    """Round-to-nearest quantization of one weight tensor (any shape, any float dtype)."""
+    m = matrix_view(w.detach().to(torch.float32), layout)  # (rows, cols)
+    check_weight(m, spec, *m.shape, name)
+    gscale = spec.format.global_scale(m)
+    codes, scale, zero = quantize_matrix(m, spec, gscale)
+    return pack_matrix(spec, tuple(w.shape), layout, codes, scale, zero, gscale)
