@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -32,12 +32,19 @@ from lowbit.qtensor import QuantizedTensor
 
 MANIFEST = "lowbit.json"
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
 FORMAT_VERSION = 1
 _ROLES = ("codes", "scale", "zero", "global_scale")
 
 
-def save(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False) -> Path:
-    """Write ``model`` (quantized or not) to the folder ``out``; returns its path."""
+def save(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False,
+         chunks: Iterable[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None) -> Path:
+    """Write ``model`` (quantized or not) to the folder ``out``; returns its path.
+
+    ``chunks`` (from ``collect`` on parts of the model, produced one at a time) writes one
+    safetensors shard per chunk plus ``model.safetensors.index.json``, so a model whose blocks
+    are streamed from disk is saved without ever being whole in memory.
+    """
     out = Path(out)
     if out.exists() and not overwrite:
         raise LowbitError(f"output folder {out} already exists; choose another path or pass overwrite")
@@ -47,8 +54,8 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None, overwr
     except OSError as e:
         raise LowbitError(f"cannot write into {out.parent} ({e.strerror}); choose an output folder you can write") from None
     try:
-        tensors, manifest = _collect(model)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})  # one key: safetensors orders keys at random
+        manifest = _write_weights(tmp, [collect(model)] if chunks is None else chunks)
+        manifest["model"] = _model_info(model)
         _write_json(tmp / MANIFEST, manifest)
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "to_json_string"):
@@ -66,11 +73,45 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None, overwr
     return out
 
 
-def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _write_weights(tmp: Path, chunks: Iterable[tuple[dict[str, torch.Tensor], dict[str, Any]]]) -> dict[str, Any]:
+    """One file for a single chunk, numbered shards and an index for several; returns the manifest."""
+    manifest: dict[str, Any] = {"lowbit_version": lowbit.__version__, "format_version": FORMAT_VERSION,
+                                "quantized": {}, "aliases": {}}
+    names: list[str] = []
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, (tensors, part) in enumerate(chunks):
+        name = f"shard-{i:05d}.safetensors"
+        save_file(tensors, str(tmp / name), metadata={"format": "pt"})  # one key: safetensors orders keys at random
+        names.append(name)
+        weight_map.update({k: name for k in tensors})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        manifest["quantized"].update(part["quantized"])
+        manifest["aliases"].update(part["aliases"])
+    if len(names) == 1:
+        os.replace(tmp / names[0], tmp / WEIGHTS)
+        return manifest
+    for i, name in enumerate(names):
+        final = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
+        os.replace(tmp / name, tmp / final)
+        weight_map = {k: (final if v == name else v) for k, v in weight_map.items()}
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    _write_json(tmp / INDEX, index)
+    return manifest
+
+
+def collect(module: nn.Module, prefix: str = "", skip: str | None = None
+            ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors to save and the manifest part (``quantized``, ``aliases``) of ``module``.
+
+    Keys get ``prefix``; keys starting with ``skip`` (a streamed model's blocks) are left out.
+    """
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    for key, t in sorted(model.state_dict().items()):
+    for key, t in sorted(module.state_dict(prefix=prefix).items()):
+        if skip is not None and key.startswith(skip):
+            continue
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
         if ident in seen:
             aliases[key] = seen[ident]
@@ -79,8 +120,10 @@ def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
         tensors[key] = t.detach().contiguous()
     qmeta: dict[str, dict] = {}
     first: dict[int, str] = {}  # id(qtensor) -> the key that stores it (tied weights share one)
-    for module_name, param, qt, dtype in sorted(quantized_tensors(model), key=lambda r: (r[0], r[1])):
-        key = f"{module_name}.{param}" if module_name else param
+    for module_name, param, qt, dtype in sorted(quantized_tensors(module), key=lambda r: (r[0], r[1])):
+        key = prefix + (f"{module_name}.{param}" if module_name else param)
+        if skip is not None and key.startswith(skip):
+            continue
         if id(qt) in first:
             qmeta[key] = {"same_as": first[id(qt)]}
             continue
@@ -88,20 +131,17 @@ def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
         for role, t in qt.to_tensors().items():
             tensors[f"{key}.{role}"] = t.contiguous()
         qmeta[key] = {**qt.meta(), "dtype": str(dtype).removeprefix("torch.")}
+    return tensors, {"quantized": qmeta, "aliases": aliases}
+
+
+def _model_info(model: nn.Module) -> dict[str, str]:
     config = getattr(model, "config", None)
     kind = "hf" if config is not None and hasattr(config, "to_json_string") else "module"
-    manifest = {
-        "lowbit_version": lowbit.__version__,
-        "format_version": FORMAT_VERSION,
-        "model": {"kind": kind, "class": type(model).__name__, "dtype": _dtype_name(model)},
-        "quantized": qmeta,
-        "aliases": aliases,
-    }
-    return tensors, manifest
+    return {"kind": kind, "class": type(model).__name__, "dtype": _dtype_name(model)}
 
 
 def _dtype_name(model: nn.Module) -> str:
-    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point() and p.device.type != "meta"]
     return str(floats[0] if floats else torch.float32).removeprefix("torch.")
 
 
@@ -157,11 +197,23 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved folder: ``model.safetensors``, or the shards its index lists."""
+    if (path / WEIGHTS).is_file():
+        return load_file(str(path / WEIGHTS))
+    if not (path / INDEX).is_file():
+        raise LowbitError(f"{path} has neither {WEIGHTS} nor {INDEX}; quantize the model again")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values())):
+        tensors.update(load_file(str(path / shard)))
+    return tensors
+
+
 def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Fill the skeleton ``model`` (same architecture) from a saved folder; returns it."""
     path = Path(path)
     manifest = read_manifest(path)
-    tensors = load_file(str(path / WEIGHTS))
+    tensors = read_weights(path)
     modules = dict(model.named_modules())
     built: dict[str, tuple[QuantizedTensor, torch.Tensor]] = {}
     quantized = manifest["quantized"]

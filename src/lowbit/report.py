@@ -50,3 +50,31 @@ def greedy(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def manifest_bits_per_weight(folder: str | os.PathLike) -> float | None:
+    """Average stored bits per quantized weight of a saved folder, read from file headers only."""
+    import json
+    from math import prod
+
+    from safetensors import safe_open
+
+    from lowbit.io import INDEX, WEIGHTS, read_manifest
+
+    folder = Path(folder)
+    quantized = {k: m for k, m in read_manifest(folder)["quantized"].items() if "same_as" not in m}
+    files = [folder / WEIGHTS] if (folder / WEIGHTS).is_file() else \
+        [folder / f for f in sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))]
+    bits = 0
+    for f in files:
+        with safe_open(str(f), "pt") as fh:
+            for name in fh.keys():
+                if name.rpartition(".")[0] in quantized:
+                    sl = fh.get_slice(name)
+                    bits += prod(sl.get_shape()) * torch.finfo(getattr(torch, _DTYPES[sl.get_dtype()])).bits \
+                        if sl.get_dtype() in _DTYPES else prod(sl.get_shape()) * 8
+    numel = sum(prod(m["shape"]) for m in quantized.values())
+    return bits / numel if numel else None
+
+
+_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}

@@ -18,24 +18,6 @@ def lowbit(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=ENV, timeout=300)
 
 
-@pytest.fixture
-def run(capfd, monkeypatch):
-    """Run ``lowbit.cli.main`` in this process, as the console script would, capturing fd 1 and 2."""
-    from lowbit.cli import main
-
-    def _run(*args: str) -> subprocess.CompletedProcess:
-        monkeypatch.setattr(sys, "argv", ["lowbit", *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        out, err = capfd.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
-
-    return _run
-
-
 def test_formats_json_lists_every_format_with_its_table():
     r = lowbit("formats", "--json")
     assert r.returncode == 0, r.stderr

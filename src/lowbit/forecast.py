@@ -1,0 +1,120 @@
+"""Forecast a calibration run's peak memory and time before it starts, and enforce ``--max-memory``.
+
+Peak memory = what the process holds now (interpreter, torch, weights outside the blocks or the
+whole model) + one block's weights twice (the original and the dequantized copy that replaces
+each quantized layer) + the statistics of one block (an upper bound: one ``cols × cols`` float32
+Hessian per layer, even where q/k/v share one) + the solver's working set for the largest layer
++ two generations of hidden states (resident part) + one batch's intermediate activations.
+
+Time = matmul FLOPs (two forwards per block, the Hessian products, GPTQ's updates) at the
+rate this machine measures for a float32 matmul now, plus reading streamed weights at an assumed
+300 MB/s. Both are estimates; the summary prints the real figures next to them.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.errors import LowbitError
+
+GB = 1 << 30
+DISK_BYTES_PER_S = 300e6  # assumed read speed of streamed weights (a guess for a local SSD)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the forecast needs to know about a run."""
+
+    resident_bytes: int  # RSS now
+    block_bytes: int  # largest block's weights (bytes in their dtype)
+    block_params: int
+    blocks: int
+    layers: tuple[tuple[int, int], ...]  # (rows, cols) of each quantized layer of the largest block
+    hidden: int
+    intermediate: int
+    tokens: int  # samples × seq_len
+    seq_len: int
+    batch_tokens: int  # tokens per forward (batch size × seq_len)
+    streamed_bytes: int  # bytes read from disk over the run (0 when the model is in memory)
+
+
+@dataclass(frozen=True)
+class Forecast:
+    peak_bytes: int
+    parts: dict[str, int]
+    seconds: float
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v / GB:.2f}" for k, v in self.parts.items())
+        return f"forecast: peak memory ≈ {self.peak_bytes / GB:.2f} GB ({parts}), time ≈ {_duration(self.seconds)}"
+
+
+def forecast(s: Shape, act_budget: int, flops_per_s: float) -> Forecast:
+    """Peak bytes and seconds of a run of shape ``s`` keeping ``act_budget`` bytes of hidden states."""
+    acts_total = 2 * s.tokens * s.hidden * 4
+    parts = {
+        "now": s.resident_bytes,
+        "block": 2 * s.block_bytes,
+        "statistics": sum(c * c * 4 for _, c in s.layers),
+        "solver": max((3 * r * c + 2 * c * c) * 4 for r, c in s.layers) if s.layers else 0,
+        "activations": min(acts_total, act_budget) + 6 * s.batch_tokens * max(s.intermediate, s.hidden) * 4,
+    }
+    flops = s.blocks * (2 * 2 * s.block_params * s.tokens
+                        + sum(2 * s.tokens * c * c + 2 * r * c * c + 2 * c ** 3 for r, c in s.layers))
+    seconds = flops / flops_per_s + s.streamed_bytes / DISK_BYTES_PER_S
+    return Forecast(sum(parts.values()), parts, seconds)
+
+
+def measure_flops() -> float:
+    """float32 matmul FLOP/s of this machine right now (about 0.1 s)."""
+    a = torch.randn(512, 1024)
+    b = torch.randn(1024, 1024)
+    a @ b
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < 0.1:
+        a @ b
+        n += 1
+    return 2 * 512 * 1024 * 1024 * n / (time.perf_counter() - t0)
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+    except OSError:
+        return 0
+
+
+def parse_bytes(text: str) -> int:
+    """'4GB', '4G', '3.5GiB', '800MB' -> bytes (GB = 2**30, as top and free report)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", text.upper())
+    if not m:
+        raise LowbitError(f"--max-memory {text!r} is not a size; write it like 4GB, 3.5G or 800MB")
+    return int(float(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": GB, "T": 1 << 40}[m.group(2)])
+
+
+def fit(s: Shape, max_bytes: int | None, act_budget: int, flops_per_s: float, streamed: bool
+        ) -> tuple[Forecast, int, int]:
+    """The forecast, activation budget and batch size (samples) to run with under ``max_bytes``.
+
+    Tries the requested budget first, then hidden states on disk, then one sample per forward;
+    raises ``LowbitError`` saying what would fit when even that does not.
+    """
+    for budget, batch_tokens in ((act_budget, s.batch_tokens), (0, s.batch_tokens), (0, s.seq_len)):
+        f = forecast(Shape(**{**s.__dict__, "batch_tokens": batch_tokens}), budget, flops_per_s)
+        if max_bytes is None or f.peak_bytes <= max_bytes:
+            return f, budget, max(1, batch_tokens // s.seq_len)
+    hint = "" if streamed else "; load the model from a safetensors folder so its blocks stream from disk"
+    raise LowbitError(f"this run needs about {f.peak_bytes / GB:.2f} GB even with hidden states on disk and one "
+                      f"sample per forward, more than --max-memory {max_bytes / GB:.2f} GB ({f.describe()}); "
+                      f"raise --max-memory to {f.peak_bytes / GB:.1f}GB or use fewer --samples / a shorter "
+                      f"--seq-len{hint}")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"

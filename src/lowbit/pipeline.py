@@ -1,0 +1,145 @@
+"""A calibrated quantization run from a model source to a saved folder (``lowbit quantize --method gptq``).
+
+Load (streamed from safetensors when possible) → calibration windows → plan → forecast and
+``--max-memory`` check → ``run.calibrate`` with a checkpoint folder ``<out>.partial`` → save
+(shard by shard when streamed) → remove the checkpoint folder.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.capture import find_blocks
+from lowbit.checkpoint import RunDir, fingerprint
+from lowbit.errors import LowbitError
+from lowbit.forecast import Shape, fit, measure_flops, parse_bytes, rss_bytes
+from lowbit.plan import default_plan, resolve_targets
+from lowbit.qtensor import matrix_shape
+from lowbit.run import RunReport, Streaming, calibrate, restore_block
+from lowbit.spec import QuantSpec
+
+
+@dataclass
+class CalibratedRun:
+    """Arguments of a calibrated run, as the CLI collects them."""
+
+    source: str
+    spec: QuantSpec
+    out: Path
+    method: str = "gptq"
+    options: dict[str, Any] = field(default_factory=dict)  # e.g. damp, act_order
+    calib: str = "pydoc"
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    batch_size: int = 8
+    resume: bool = False
+    max_memory: str | None = None
+    overwrite: bool = False
+    allow_pickle: bool = False
+    act_budget: int = 1 << 30
+    progress: bool = True
+
+
+def run_calibrated(args: CalibratedRun, say=print) -> dict[str, Any]:
+    """Do the run; returns the numbers for the summary (seconds, peak RSS, forecast, report)."""
+    from lowbit.calib import calibration_windows
+    from lowbit.methods import calibrated
+
+    algorithm = calibrated(args.method, **args.options)  # bad options fail before any loading
+    max_bytes = parse_bytes(args.max_memory) if args.max_memory else None
+    if args.out.exists() and not args.overwrite:
+        raise LowbitError(f"output folder {args.out} already exists; choose another --out or pass --overwrite")
+    t0 = time.perf_counter()
+    model, tokenizer, streamed, identity = _open(args)
+    if tokenizer is None:
+        raise LowbitError(f"{args.source} has no tokenizer, so calibration text cannot be tokenized")
+    if streamed is not None and "self" in args.calib:
+        raise LowbitError("self-generated calibration text needs the whole model in memory, but this run "
+                          "streams its weights; pass --calib pydoc or a text file")
+    windows = calibration_windows(tokenizer, args.calib, args.samples, args.seq_len, seed=args.seed, model=model)
+    plan = default_plan(model, args.spec)
+    shape = _shape(model, plan, streamed, args, windows)
+    forecast, act_budget, batch = fit(shape, max_bytes, args.act_budget, measure_flops(), streamed is not None)
+    say(forecast.describe())
+    batches = list(windows.split(batch))
+    run_id = fingerprint(identity, args.spec.to_dict(), args.method, sorted(args.options.items()), windows,
+                         lowbit.__version__)
+    workdir = args.out.with_name(args.out.name + ".partial")
+    stream = Streaming(streamed.load, streamed.release) if streamed else None
+    report = calibrate(model, plan, algorithm, batches, workdir=workdir, resume=args.resume, fingerprint=run_id,
+                       streaming=stream, act_budget=act_budget, progress=args.progress)
+    _save(model, tokenizer, streamed, workdir, args)
+    RunDir(workdir, run_id, resume=True).remove()
+    return {"seconds": time.perf_counter() - t0, "peak_rss_bytes": _peak_rss(), "forecast": forecast,
+            "report": report, "streamed": streamed is not None, "windows": tuple(windows.shape), "model": model,
+            "tokenizer": tokenizer}
+
+
+def _open(args: CalibratedRun) -> tuple[nn.Module, Any, Any, Any]:
+    """(model, tokenizer, streamed or None, identity for the fingerprint)."""
+    from lowbit.hf.load import load_model
+
+    path = Path(args.source).expanduser()
+    if path.is_dir() and (path / "config.json").is_file() and not (path / "lowbit.json").exists() \
+            and any(path.glob("*.safetensors")):
+        from lowbit.hf.stream import open_streamed
+
+        streamed = open_streamed(path)
+        if streamed is not None:
+            return streamed.model, streamed.tokenizer, streamed, streamed.source.identity()
+    loaded = load_model(args.source, allow_pickle=args.allow_pickle)
+    identity = fingerprint(*[p for _, p in sorted(loaded.model.state_dict().items())])
+    return loaded.model, loaded.tokenizer, None, identity
+
+
+def _shape(model: nn.Module, plan: list, streamed: Any, args: CalibratedRun, windows: torch.Tensor) -> Shape:
+    found = find_blocks(model)
+    prefix = f"{found[0]}.0." if found else ""
+    layers = tuple(matrix_shape(tuple(getattr(dict(model.named_modules())[t.module_name], t.param).shape), t.layout)
+                   for t, _ in resolve_targets(model, plan) if t.key.startswith(prefix))
+    block = found[1][0] if found else model
+    params = sum(p.numel() for p in block.parameters())
+    block_bytes = streamed.block_bytes() if streamed else sum(p.numel() * p.element_size() for p in block.parameters())
+    hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or max((c for _, c in layers), default=1))
+    n_blocks = len(found[1]) if found else 1
+    return Shape(resident_bytes=rss_bytes(), block_bytes=block_bytes, block_params=params, blocks=n_blocks,
+                 layers=layers, hidden=hidden, intermediate=max((r for r, _ in layers), default=hidden),
+                 tokens=windows.numel(), seq_len=windows.shape[1],
+                 batch_tokens=min(args.batch_size, windows.shape[0]) * windows.shape[1],
+                 streamed_bytes=block_bytes * n_blocks * 2 if streamed else 0)
+
+
+def _save(model: nn.Module, tokenizer: Any, streamed: Any, workdir: Path, args: CalibratedRun) -> None:
+    from lowbit.io import save
+
+    if streamed is None:
+        save(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+        return
+    from lowbit.hf.stream import save_chunks
+
+    chunks = save_chunks(streamed, lambda i, block: restore_block(model, workdir, i))
+    save(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, chunks=chunks)
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def report_rows(report: RunReport, damp: float) -> list[tuple[str, str]]:
+    """Summary lines of a run report: layers solved, dampening raised, fallbacks."""
+    raised = [r["key"] for r in report.layers if r.get("damp", damp) > damp]
+    rows = [("blocks", str(report.blocks)), ("layers solved", str(len(report.layers)))]
+    if report.resumed_from:
+        rows.append(("resumed at block", str(report.resumed_from)))
+    if raised:
+        rows.append(("dampening raised", f"{len(raised)} layers, e.g. {', '.join(raised[:3])}"))
+    rows += [("rounded to nearest", f) for f in report.fallbacks]
+    return rows

@@ -1,0 +1,122 @@
+"""`lowbit quantize --method gptq`: streamed from safetensors, checkpointed, resumable, memory-checked."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+GPTQ = ("--method", "gptq", "--scheme", "uint4:g32", "--samples", "4", "--seq-len", "32", "--batch-size", "2")
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_gptq_cli_streams_saves_and_reloads(run, tiny_llama_dir, tmp_path):
+    out = tmp_path / "q"
+    r = run("quantize", str(tiny_llama_dir), "--out", str(out), *GPTQ)
+    assert r.returncode == 0, r.stderr
+    assert "forecast: peak memory" in r.stdout and "layers solved" in r.stdout
+    assert not (tmp_path / "q.partial").exists()
+    assert (out / "model.safetensors.index.json").is_file()  # streamed: one shard per block, then the rest
+    from lowbit.hf.load import load_lowbit
+
+    model = load_lowbit(out).model
+    manifest = json.loads((out / "lowbit.json").read_text())
+    assert len(manifest["quantized"]) == 14  # 7 linears × 2 blocks
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_streamed_run_equals_in_memory_run(run, tiny_llama_dir, tmp_path):
+    """Streaming weights block by block changes where they live, not one bit of the result."""
+    from lowbit.calib import calibration_windows
+    from lowbit.hf.load import load_model
+    from lowbit.io import read_weights, save
+    from lowbit.methods import calibrated
+    from lowbit.plan import default_plan
+    from lowbit.run import calibrate
+    from lowbit.schemes import parse_scheme
+
+    out = tmp_path / "streamed"
+    assert run("quantize", str(tiny_llama_dir), "--out", str(out), *GPTQ).returncode == 0
+    loaded = load_model(tiny_llama_dir)
+    windows = calibration_windows(loaded.tokenizer, "pydoc", 4, 32, seed=0, progress=False)
+    plan = default_plan(loaded.model, parse_scheme("uint4:g32"))
+    calibrate(loaded.model, plan, calibrated("gptq", damp=0.01), list(windows.split(2)), progress=False)
+    save(loaded.model, tmp_path / "memory", tokenizer=loaded.tokenizer)
+    streamed, memory = read_weights(out), read_weights(tmp_path / "memory")
+    assert streamed.keys() == memory.keys()
+    for k in memory:
+        assert torch.equal(streamed[k], memory[k]), k
+
+
+KILL_AFTER_FIRST_BLOCK = """
+import os, signal, sys
+from lowbit import checkpoint
+done = checkpoint.RunDir.mark_done
+def mark_done(self, block):
+    done(self, block)
+    os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.RunDir.mark_done = mark_done
+from lowbit.cli import main
+sys.argv = ["lowbit", *sys.argv[1:]]
+main()
+"""
+
+
+def test_kill_9_then_resume_gives_identical_bytes(run, tiny_llama_dir, tmp_path):
+    ref = tmp_path / "ref"
+    assert run("quantize", str(tiny_llama_dir), "--out", str(ref), *GPTQ).returncode == 0
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_BLOCK, "quantize", str(tiny_llama_dir),
+                             "--out", str(out), *GPTQ], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    partial = tmp_path / "out.partial"
+    assert json.loads((partial / "state.json").read_text())["done"] == 1 and not out.exists()
+    again = run("quantize", str(tiny_llama_dir), "--out", str(out), *GPTQ)
+    assert again.returncode == 2 and "--resume" in again.stderr  # never silently starts over
+    resumed = run("quantize", str(tiny_llama_dir), "--out", str(out), *GPTQ, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed at block" in resumed.stdout
+    assert files(out) == files(ref)
+    assert not partial.exists()
+
+
+def test_resume_with_other_arguments_is_refused(run, tiny_llama_dir, tmp_path):
+    from lowbit.checkpoint import RunDir
+
+    RunDir(tmp_path / "out.partial", "0123", resume=False).mark_done(0)
+    r = run("quantize", str(tiny_llama_dir), "--out", str(tmp_path / "out"), *GPTQ, "--resume")
+    assert r.returncode == 2 and "different model, plan, method or calibration" in r.stderr
+
+
+def test_max_memory_refuses_a_run_that_does_not_fit(run, tiny_llama_dir, tmp_path):
+    r = run("quantize", str(tiny_llama_dir), "--out", str(tmp_path / "q"), *GPTQ, "--max-memory", "50MB")
+    assert r.returncode == 2
+    assert "more than --max-memory" in r.stderr and "raise --max-memory to" in r.stderr
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+
+
+def test_max_memory_spills_activations_when_that_is_enough(tiny_llama_dir):
+    from lowbit.forecast import Shape, fit
+
+    shape = Shape(resident_bytes=100 << 20, block_bytes=1 << 20, block_params=1 << 18, blocks=2,
+                  layers=((64, 64),), hidden=64, intermediate=128, tokens=1 << 20, seq_len=512,
+                  batch_tokens=4096, streamed_bytes=0)
+    roomy, budget, batch = fit(shape, None, 1 << 30, 1e10, True)
+    assert budget == 1 << 30 and batch == 8
+    tight, budget, batch = fit(shape, roomy.peak_bytes - 1, 1 << 30, 1e10, True)
+    assert budget == 0 and tight.peak_bytes < roomy.peak_bytes
+
+
+def test_gptq_options_are_checked_before_loading(run, tmp_path):
+    r = run("quantize", "no-such-model", "--out", str(tmp_path / "q"), *GPTQ, "--damp", "-1")
+    assert r.returncode == 2 and "damp" in r.stderr
