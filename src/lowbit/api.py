@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from torch import nn
 
 from lowbit.apply import quantize_model
@@ -33,12 +34,29 @@ def make_plan(model: nn.Module, plan: Plan) -> list[Rule]:
     raise LowbitError(f"a plan must be a scheme string, a QuantSpec or a list of Rule, not {type(plan).__name__}")
 
 
-def quantize(model: nn.Module, plan: Plan = "w4g128", method: str = "rtn", progress: bool = True) -> nn.Module:
+def quantize(model: nn.Module, plan: Plan = "w4g128", method: str = "rtn", calib: Any = None,
+             progress: bool = True, **options: Any) -> nn.Module:
     """Quantize ``model`` in place under ``plan`` (default: round-to-nearest); returns ``model``.
 
-    ``method``: "rtn" (round-to-nearest) or "nupes" (data-free power-exponent search per tensor).
+    ``method``: "rtn" (round-to-nearest), "nupes" (data-free power-exponent search per tensor), or
+    "gptq", which needs ``calib``: model inputs as one tensor (N, T) of token windows (split into
+    batches of 8) or a list of batches. ``options`` go to the method, e.g. ``damp=0.01``.
     """
-    return quantize_model(model, make_plan(model, plan), method=method, progress=progress)
+    from lowbit.methods import CALIBRATED, calibrated
+
+    rules = make_plan(model, plan)
+    if method not in CALIBRATED:
+        if calib is not None or options:
+            raise LowbitError(f"method {method!r} takes no calibration data or options")
+        return quantize_model(model, rules, method=method, progress=progress)
+    if calib is None:
+        raise LowbitError(f"method {method!r} needs calibration data: pass calib=windows, e.g. from "
+                          "lowbit.calib.calibration_windows(tokenizer, 'pydoc', 128, 512)")
+    from lowbit.run import calibrate
+
+    batches = list(calib.split(8)) if isinstance(calib, torch.Tensor) else list(calib)
+    calibrate(model, rules, calibrated(method, **options), batches, progress=progress)
+    return model
 
 
 def save(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False):

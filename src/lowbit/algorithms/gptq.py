@@ -1,0 +1,257 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column, spreading each column's
+rounding error over the not-yet-quantized columns through the inverse Hessian.
+
+Given ``W`` (rows, cols) and the proxy Hessian ``H = (2/n)·Σ xᵀx`` of the layer's inputs,
+GPTQ walks the columns in order (or, with ``act_order``, in descending ``diag(H)``); column
+``j`` is rounded with the format's own ``quantize`` / ``dequantize`` and the scaled error
+``e = (w_j − ŵ_j) / U[j, j]`` is subtracted from the later columns as ``e · U[j, j+1:]``,
+where ``U`` is the upper Cholesky factor of ``H⁻¹``. Updates are applied lazily: inside a
+block of ``block_size`` columns immediately, to the columns after the block once per block.
+
+Scales (and zeros) are the spec's, chosen by ``lowbit.quantizer.choose_qparams`` (so the
+spec's ``scale_search`` applies) on tiles of the spec's granularity:
+
+====================  =====================================================================
+groups                when a column group's qparams are chosen
+====================  =====================================================================
+one column group      (PerTensor, PerChannel, a group as wide as the matrix) up front, from W
+dynamic (default)     when the loop reaches the group's first column, from the current
+                      (error-updated) weights; the lazy block is a multiple of the group
+                      width so the group is read from the up-to-date block copy
+static                all up front from the original W (required by ``act_order``); groups
+                      stay contiguous original columns, so storage is the same as RTN's
+====================  =====================================================================
+
+Dead columns (``H[j, j] == 0``: an input that was always zero) are zeroed in ``W`` before
+anything else, as in the reference implementation. Codes and grids have exactly the layout of
+:func:`lowbit.quantizer.quantize_matrix`; pack them with :func:`lowbit.quantizer.pack_matrix`.
+GPTQ relies on every format rounding elementwise once its qparams are fixed (a (rows, 1)
+column gives the codes it would get inside a wider block); the tests check it for every format.
+
+Details the paper and the reference code leave open, chosen here:
+
+* dynamic groups of width ``w`` use lazy blocks of ``max(1, block_size // w)·w`` columns;
+* ``act_order`` sorts ``diag(H)`` with a stable sort, dead columns (diagonal 0) last (the
+  reference sorts them as diagonal 1; they are decoupled from every other column, so the
+  result is the same);
+* NVFP4's tensor scale, when the caller gives none, comes from W after dead-column zeroing;
+* the Cholesky factorizations run in float32, as in the reference; a failed one retries with
+  10× the dampening (see :func:`lowbit.algorithms._hessian.inverse_cholesky`).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from math import isfinite
+
+import torch
+from torch import Tensor
+
+from lowbit import grouping
+from lowbit.algorithms._hessian import MAX_DAMP, dead_columns, inverse_cholesky
+from lowbit.errors import LowbitError
+from lowbit.formats.base import QParams
+from lowbit.quantizer import check_weight, choose_qparams
+from lowbit.spec import QuantSpec, tile_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GPTQ:
+    """How GPTQ runs.
+
+    =============  ========================================================================
+    damp           added to diag(H) as a fraction of its mean, in [0, 10]; grows ×10 on failure
+    block_size     columns per lazy update (rounded to whole groups for dynamic groups)
+    act_order      visit columns in descending diag(H) (needs static groups)
+    static_groups  choose group qparams up front from W; None = exactly when ``act_order``
+    =============  ========================================================================
+    """
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool | None = None
+
+    def __post_init__(self) -> None:
+        d = self.damp
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not (isfinite(d) and 0 <= d <= MAX_DAMP):
+            raise LowbitError(f"GPTQ damp {d!r} is not allowed; use a fraction of mean(diag H) in "
+                              f"[0, {MAX_DAMP:g}], usually 0.01")
+        b = self.block_size
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise LowbitError(f"GPTQ block_size {b!r} must be a positive integer, usually 128")
+        if not isinstance(self.act_order, bool):
+            raise LowbitError(f"GPTQ act_order {self.act_order!r} must be True or False")
+        if self.static_groups is not None and not isinstance(self.static_groups, bool):
+            raise LowbitError(f"GPTQ static_groups {self.static_groups!r} must be True, False or None")
+        if self.act_order and self.static_groups is False:
+            raise LowbitError("GPTQ act_order=True visits columns out of order, so group scales must be "
+                              "chosen up front; use static_groups=True or leave it None")
+
+    @property
+    def static(self) -> bool:
+        """Whether group qparams are chosen up front from the original weight."""
+        return self.act_order if self.static_groups is None else self.static_groups
+
+    def solve(self, W: Tensor, H: Tensor, spec: QuantSpec,
+              global_scale: Tensor | None = None) -> "GPTQResult":
+        """:func:`gptq` with this configuration."""
+        return gptq(W, H, spec, damp=self.damp, block_size=self.block_size, act_order=self.act_order,
+                    static_groups=self.static_groups, global_scale=global_scale)
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    """Output of :func:`gptq`.
+
+    codes:        (rows, cols) uint8, original column order.
+    scale, zero:  (ceil(rows/tr), ceil(cols/tc)) float32 grids as ``quantize_matrix`` returns
+                  them; ``zero`` is None for formats without a zero point.
+    global_scale: () float32 or None, to pass to ``pack_matrix``.
+    damp_used:    the relative dampening that made H positive definite (>= the one asked).
+    loss:         ``½·tr(ΔW H_d ΔWᵀ)`` with the dampened H_d, i.e. the mean over tokens of the
+                  squared output error summed over rows (GPTQ's running error, summed).
+    dead:         number of dead input columns (zeroed before quantization).
+    """
+
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor | None
+    global_scale: Tensor | None
+    damp_used: float
+    loss: float
+    dead: int
+
+
+class _Qparams:
+    """Per-column qparams of one weight: the stored grids plus their per-element expansion.
+
+    ``ST`` / ``ZT`` (cols, rows) float32 hold, in processing order and transposed, the scale /
+    zero of the tile that owns every element, so column ``j`` reads the contiguous row ``ST[j]``
+    with no per-column work.
+    """
+
+    def __init__(self, spec: QuantSpec, shape: tuple[int, int], tile: tuple[int, int],
+                 global_scale: Tensor | None, device: torch.device) -> None:
+        self.spec, self.shape, self.tile, self.gs = spec, shape, tile, global_scale
+        self.scale = grouping.empty_grid(shape, tile).to(device)
+        self.zero = grouping.empty_grid(shape, tile).to(device) if spec.format.zero_kind else None
+        self.row_tile = torch.arange(shape[0], device=device) // tile[0]  # (rows,) grid row of each row
+        self.ST: Tensor | None = None  # (cols, rows), filled by choose_all or choose_group
+        self.ZT: Tensor | None = None
+
+    def _choose(self, m: Tensor, tile: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
+        """Grids (ceil(r/tr), ceil(c/tc)) of qparams for the tiles of a (r, c) matrix ``m``."""
+        scale = grouping.empty_grid(tuple(m.shape), tile).to(m.device)
+        zero = torch.empty_like(scale) if self.zero is not None else None
+        for region in grouping.regions(tuple(m.shape), tile):
+            qp = choose_qparams(grouping.to_blocks(m, region), self.spec, self.gs)  # (n_blocks, 1)
+            grouping.grid_put(scale, region, qp.scale)
+            if zero is not None:
+                grouping.grid_put(zero, region, qp.zero)
+        return scale, zero
+
+    def choose_all(self, W: Tensor, perm: Tensor | None) -> None:
+        """Static: every tile from ``W`` (rows, cols), original order; expand in ``perm`` order."""
+        self.scale, self.zero = self._choose(W, self.tile)
+        col_tile = torch.arange(W.shape[1], device=W.device) // self.tile[1]  # (cols,) grid column
+        if perm is not None:
+            col_tile = col_tile[perm]
+        self.ST = self.scale[self.row_tile][:, col_tile].T.contiguous()  # (cols, rows)
+        if self.zero is not None:
+            self.ZT = self.zero[self.row_tile][:, col_tile].T.contiguous()
+
+    def choose_group(self, j: int, slab: Tensor) -> None:
+        """Dynamic: the column group starting at column ``j`` from its current weights ``slab`` (rows, w)."""
+        w, g = slab.shape[1], j // self.tile[1]
+        if self.ST is None:  # first group: allocate the (cols, rows) expansions
+            self.ST = slab.new_empty(self.shape[::-1])
+            self.ZT = torch.empty_like(self.ST) if self.zero is not None else None
+        scale, zero = self._choose(slab, (self.tile[0], w))  # (grid_rows, 1)
+        self.scale[:, g:g + 1] = scale
+        self.ST[j:j + w] = scale[self.row_tile].T  # (1, rows) broadcast over the group
+        if zero is not None:
+            self.zero[:, g:g + 1] = zero
+            self.ZT[j:j + w] = zero[self.row_tile].T
+
+    def column(self, j: int) -> QParams:
+        """QParams of column ``j`` (processing order) for a (rows, 1) block stack."""
+        zero = None if self.ZT is None else self.ZT[j].unsqueeze(1)
+        return QParams(self.ST[j].unsqueeze(1), zero, self.gs)
+
+
+@torch.no_grad()
+def gptq(W: Tensor, H: Tensor, spec: QuantSpec, *, damp: float = 0.01, block_size: int = 128,
+         act_order: bool = False, static_groups: bool | None = None,
+         global_scale: Tensor | None = None) -> GPTQResult:
+    """Quantize a (rows, cols) matrix view with GPTQ.
+
+    W: (rows, cols) float (copied to float32; not modified). H: (cols, cols) float proxy
+    Hessian ``(2/n)·Σ xᵀx`` of the inputs (see ``HessianStats``), moved to W's device.
+    ``global_scale`` (NVFP4's tensor scale): None computes the format's own from W after
+    dead-column zeroing. ``damp``, ``block_size``, ``act_order``, ``static_groups``: see ``GPTQ``.
+    """
+    cfg = GPTQ(damp, block_size, act_order, static_groups)  # validates
+    if W.ndim != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise LowbitError(f"GPTQ needs W (rows, cols) and H (cols, cols); "
+                          f"got {tuple(W.shape)} and {tuple(H.shape)}")
+    rows, cols = W.shape
+    W = W.detach().to(torch.float32, copy=True)
+    H = H.detach().to(W.device, torch.float32)
+    check_weight(W, spec, rows, cols)
+    dead = dead_columns(H)
+    if dead.all():
+        log.warning("every input column is dead (H is zero: no calibration tokens?); the weight becomes zero")
+    W[:, dead] = 0
+    gs = spec.format.global_scale(W) if global_scale is None else global_scale
+    tr, tc = tile_of(spec.granularity, rows, cols)
+    tile = (min(tr, rows), min(tc, cols))
+    qps = _Qparams(spec, (rows, cols), tile, gs, W.device)
+    dynamic = not cfg.static and tile[1] < cols
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
+    if not dynamic:
+        qps.choose_all(W, perm)
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv, damp_used, _ = inverse_cholesky(H, damp)
+    block = max(1, block_size // tile[1]) * tile[1] if dynamic else block_size
+    codes, loss = _column_loop(W, Hinv, qps, spec, block, tile[1] if dynamic else 0)
+    if perm is not None:
+        codes = torch.empty_like(codes).index_copy_(1, perm, codes)  # back to original columns
+    return GPTQResult(codes, qps.scale, qps.zero, gs, damp_used, loss, int(dead.sum()))
+
+
+def _column_loop(W: Tensor, Hinv: Tensor, qps: _Qparams, spec: QuantSpec, block: int,
+                 group: int) -> tuple[Tensor, float]:
+    """GPTQ's numerical kernel on W (rows, cols) float32 in processing order (not modified).
+
+    Hinv: (cols, cols) upper Cholesky factor of the dampened H⁻¹ (same order). ``group`` > 0
+    is the dynamic group width (``block`` is a multiple of it); 0 when qparams are ready.
+    Works on the transpose ``WT`` (cols, rows) so that a column is a contiguous row.
+    Returns codes (rows, cols) uint8 in processing order and ``½·Σ e²`` (see ``GPTQResult.loss``).
+    """
+    fmt = spec.format
+    WT = W.T.contiguous()  # (cols, rows)
+    codesT = torch.empty(WT.shape, dtype=torch.uint8, device=W.device)  # (cols, rows)
+    loss = torch.zeros((), dtype=torch.float64, device=W.device)
+    cols = WT.shape[0]
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = WT[i1:i2]  # (b, rows): the block, kept up to date column by column (a view)
+        Hinv1 = Hinv[i1:i2, i1:i2]  # (b, b)
+        Err1 = torch.empty_like(W1)  # (b, rows) scaled errors e_j
+        for i in range(i2 - i1):
+            j = i1 + i
+            if group and j % group == 0:
+                qps.choose_group(j, W1[i:i + group].T.contiguous())  # (rows, w)
+            qp = qps.column(j)
+            c = fmt.quantize(W1[i].unsqueeze(1), qp)  # (rows, 1) uint8
+            codesT[j] = c.view(-1)
+            e = torch.sub(W1[i], fmt.dequantize(c, qp).view(-1), out=Err1[i])  # (rows,)
+            e.div_(Hinv1[i, i])
+            W1[i + 1:].addr_(Hinv1[i, i + 1:], e, alpha=-1.0)  # (b-i-1, rows) -= outer(U[i, i+1:], e)
+        loss += Err1.double().square().sum()
+        WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1.0)  # lazy update of the later columns
+    return codesT.T.contiguous(), float(loss) / 2
