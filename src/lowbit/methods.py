@@ -28,6 +28,7 @@ class GPTQMethod:
     """GPTQ on the Hessian of each layer's inputs."""
 
     config: GPTQ = GPTQ()
+    name = "gptq"
 
     def new_stats(self, cols: int) -> HessianStats:
         return HessianStats(cols)

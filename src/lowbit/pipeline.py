@@ -57,8 +57,8 @@ def run_calibrated(args: CalibratedRun, say=print) -> dict[str, Any]:
     max_bytes = parse_bytes(args.max_memory) if args.max_memory else None
     if args.out.exists() and not args.overwrite:
         raise LowbitError(f"output folder {args.out} already exists; choose another --out or pass --overwrite")
-    t0 = time.perf_counter()
     model, tokenizer, streamed, identity = _open(args)
+    t0 = time.perf_counter()  # the run's seconds leave out loading the model, as for data-free methods
     if tokenizer is None:
         raise LowbitError(f"{args.source} has no tokenizer, so calibration text cannot be tokenized")
     if streamed is not None and "self" in args.calib:

@@ -35,10 +35,15 @@ def choose_qparams(blocks: Tensor, spec: QuantSpec, global_scale: Tensor | None 
     """Per-block qparams for ``blocks`` (n_blocks, block_size) float32, as stored.
 
     ``minmax`` covers each block's full range; ``mse`` / ``lpP`` try every ratio in
-    ``MSE_RATIOS`` and keep, per block, the one with the smallest ``sum |x̂ - x|^p``.
+    ``MSE_RATIOS`` and keep, per block, the one with the smallest ``sum |x̂ - x|^p``; ``hqq``
+    keeps the min-max scale and refines the float zero (``algorithms.hqq``).
     """
     fmt = spec.format
     p = search_norm(spec.scale_search)
+    if spec.scale_search == "hqq":
+        from lowbit.algorithms.hqq import hqq_zero
+
+        return stored_qparams(hqq_zero(blocks, fmt, fmt.choose_qparams(blocks, 1.0, global_scale)), spec)
     if p is None:
         return stored_qparams(fmt.choose_qparams(blocks, 1.0, global_scale), spec)
     best, best_err = None, None

@@ -105,7 +105,7 @@ def calibrate(model: nn.Module, plan: list[Rule], algorithm: Any, batches: list[
 
 
 def _name(algorithm: Any) -> str:
-    return type(algorithm).__name__.lower()
+    return getattr(algorithm, "name", type(algorithm).__name__.lower())
 
 
 def _split(pairs: list[tuple[Target, QuantSpec]], prefix: str | None, n: int) -> dict[int, list]:

@@ -4,7 +4,7 @@ A preset is a short name (``w4g128``, ``nvfp4``); int presets have an ``-asym`` 
 integer zero point and an ``-asym-fz`` variant with a float zero equal to the block minimum
 (GGUF Q4_1 / HQQ style). A spec string spells a spec out::
 
-    FORMAT[:GRANULARITY][:mse|:lpP][:scale=DTYPE]
+    FORMAT[:GRANULARITY][:mse|:hqq|:lpP][:scale=DTYPE]
 
     FORMAT       a name from `lowbit formats` (int4, uint4, uint4_fz, fp8_e4m3fn, nf4, mxfp4, ...)
     GRANULARITY  tensor | channel | gN (groups of N) | bRxC (R×C tiles); default channel
@@ -72,7 +72,7 @@ def parse_scheme(scheme: str, group_size: int | None = None, scale_search: str |
         ) from None
     search, scale_dtype, grans = "minmax", "float16", []
     for p in parts[1:]:
-        if p == "mse" or re.fullmatch(r"lp[\d.]+", p):
+        if p in ("mse", "hqq") or re.fullmatch(r"lp[\d.]+", p):
             search = p
         elif p.startswith("scale="):
             scale_dtype = p.removeprefix("scale=")

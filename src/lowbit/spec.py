@@ -61,14 +61,14 @@ SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 
 
 def search_norm(scale_search: str) -> float | None:
-    """The error norm p of a scale search: None for "minmax", 2 for "mse", P for "lpP"."""
-    if scale_search == "minmax":
+    """The error norm p of a scale search: None for "minmax" and "hqq", 2 for "mse", P for "lpP"."""
+    if scale_search in ("minmax", "hqq"):
         return None
     if scale_search == "mse":
         return 2.0
     m = re.fullmatch(r"lp(\d+(?:\.\d+)?)", scale_search)
     if m is None or float(m.group(1)) <= 0:
-        raise LowbitError(f"scale_search {scale_search!r} unknown; use minmax, mse or lpP with P > 0 (e.g. lp3)")
+        raise LowbitError(f"scale_search {scale_search!r} unknown; use minmax, mse, hqq or lpP with P > 0 (e.g. lp3)")
     return float(m.group(1))
 
 
@@ -90,7 +90,8 @@ class QuantSpec:
     scale_dtype: storage of scales and float zeros ("float16", "bfloat16" or "float32"); formats
     with a dictated scale encoding (MX's e8m0, NVFP4's e4m3) ignore it.
     scale_search: "minmax" (cover each block's range), "mse" (per block, the clipping ratio with
-    the least squared error) or "lpP" (the same with the error norm ``sum |err|^P``, e.g. lp3).
+    the least squared error), "lpP" (the same with the error norm ``sum |err|^P``, e.g. lp3) or
+    "hqq" (min-max scale, float zero refined by HQQ's half-quadratic solver; float-zero formats).
     """
 
     format: Format
@@ -102,6 +103,9 @@ class QuantSpec:
         if self.scale_dtype not in SCALE_DTYPES:
             raise LowbitError(f"scale_dtype {self.scale_dtype!r} unknown; use one of {sorted(SCALE_DTYPES)}")
         search_norm(self.scale_search)  # validates
+        if self.scale_search == "hqq" and self.format.zero_kind != "float":
+            raise LowbitError(f"scale search hqq refines a float zero; {self.format.name} has none, "
+                              "use a float-zero format such as uint4_fz (or mse)")
         fb = self.format.fixed_block
         if fb is not None and self.granularity != PerGroup(fb):
             raise LowbitError(f"format {self.format.name} uses blocks of {fb}; use PerGroup({fb})")
