@@ -14,9 +14,10 @@ import torch
 from lowbit import grouping
 from lowbit.formats import QParams, all_formats, format_from_dict, get_format
 from lowbit.formats.grid import PowerFormat
+from lowbit.formats.nearest import BUCKET_MIN_NUMEL
 from lowbit.packing import pack, unpack
 from lowbit.qtensor import QuantizedTensor
-from lowbit.quantizer import quantize_weight
+from lowbit.quantizer import choose_qparams, quantize_weight
 from lowbit.spec import PerGroup, QuantSpec
 
 FORMATS = all_formats()
@@ -202,3 +203,26 @@ def test_mse_search_never_worse_than_minmax(fmt):
 def test_pack_round_trip_all_codes(fmt):
     codes = torch.arange(2**fmt.bits, dtype=torch.uint8).repeat(3)
     assert torch.equal(unpack(pack(codes, fmt.bits), fmt.bits, codes.numel()), codes)
+
+
+# --- (g) quantization is elementwise given the qparams (what GPTQ relies on) -------------
+@pytest.mark.parametrize("search", ["minmax", "mse"])
+def test_quantization_is_elementwise_given_qparams(fmt, search):
+    """GPTQ quantizes one column at a time: column j of a block stack (n, k), quantized alone as
+    an (n, 1) stack with the same (n, 1) qparams (and global scale), gets exactly the codes it
+    gets in the whole stack, and dequantizes to the same values.
+
+    The whole stack is large enough for the bucket look-up of table formats, a column is not
+    (it takes the search path), so the two rounding paths are compared here as well.
+    """
+    n, k = 160, fmt.fixed_block or 32
+    blocks = random_weight(5, rows=n, cols=k)  # (n, k) one block per row
+    assert n < BUCKET_MIN_NUMEL <= blocks.numel()
+    qp = choose_qparams(blocks, spec_for(fmt, scale_search=search), fmt.global_scale(blocks))
+    codes, deq = fmt.quantize(blocks, qp), fmt.dequantize(fmt.quantize(blocks, qp), qp)
+    cols = [fmt.quantize(blocks[:, j : j + 1], qp) for j in range(k)]  # each (n, 1)
+    assert all(c.shape == (n, 1) and c.dtype == torch.uint8 for c in cols)
+    assert torch.equal(torch.cat(cols, dim=1), codes)
+    assert torch.equal(torch.cat([fmt.dequantize(c, qp) for c in cols], dim=1), deq)
+    assert torch.equal(fmt.quantize(blocks[:, 3:4].contiguous(), qp), codes[:, 3:4])
+    assert codes.unique().numel() > 1  # not vacuous

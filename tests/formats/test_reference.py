@@ -9,7 +9,8 @@
   encoding is the even mantissa (IEEE RNE); for ``man = 0`` it is the even exponent.
 
 Inputs include random values over many binades, every exact midpoint of the grid and
-out-of-range values. Codes must agree bit-exactly.
+out-of-range values. Codes must agree bit-exactly, on both rounding paths of table formats
+(``quantize_both_paths``: a binary search for small inputs, a bucket look-up for large ones).
 """
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ import pytest
 import torch
 
 from lowbit.formats import QParams, all_formats, get_format
+from lowbit.formats.base import nearest_code
 from lowbit.formats.binary import BinaryFormat
 from lowbit.formats.float import FloatFormat
 from lowbit.formats.grid import CodebookFormat, PowerFormat
 from lowbit.formats.int import IntFormat
 from lowbit.formats.micro import MXFormat, NVFP4Format
+from lowbit.formats.nearest import BUCKET_MIN_NUMEL, NearestTable
 
 UNIT = QParams(torch.ones(1, 1))
 
@@ -81,6 +84,18 @@ def inputs_for(fmt, n: int = 600, seed: int = 0) -> torch.Tensor:
     return torch.cat([rnd.float(), mids, -mids, extra]).reshape(1, -1)
 
 
+def quantize_both_paths(fmt, x: torch.Tensor, qp: QParams = UNIT) -> list[int]:
+    """Codes of ``x`` (1, N) in pieces below ``BUCKET_MIN_NUMEL`` and, tiled past it, whole.
+
+    Table formats round small inputs by binary search and large ones by bucket look-up; both
+    must give the same codes, which are returned as a list.
+    """
+    small = torch.cat([fmt.quantize(p, qp) for p in x.split(BUCKET_MIN_NUMEL - 1, dim=1)], dim=1)
+    reps = BUCKET_MIN_NUMEL // x.numel() + 1
+    assert torch.equal(fmt.quantize(x.repeat(1, reps), qp), small.repeat(1, reps))
+    return small.flatten().tolist()
+
+
 def nearest_value_formats() -> list[str]:
     """Registered formats whose quantize is "nearest table value of x / scale"."""
     skip = (PowerFormat, BinaryFormat)
@@ -99,7 +114,7 @@ def test_fast_path_equals_table_scan(name):
     fmt = get_format(name)
     x = inputs_for(fmt)
     want = scan_reference(x.double().flatten().tolist(), fmt.values().tolist())
-    assert fmt.quantize(x, UNIT).flatten().tolist() == want
+    assert quantize_both_paths(fmt, x) == want
 
 
 @pytest.mark.parametrize("name", [n for n, f in all_formats().items() if isinstance(f, FloatFormat)]
@@ -110,7 +125,7 @@ def test_minifloat_equals_arithmetic_definition(name):
     fmt = extra.get(name) or get_format(name)
     x = inputs_for(fmt, seed=1)
     want = [minifloat_reference(v, fmt.exp, fmt.man, fmt.bias, fmt.max) for v in x.double().flatten().tolist()]
-    assert fmt.quantize(x, UNIT).flatten().tolist() == want
+    assert quantize_both_paths(fmt, x) == want
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -160,7 +175,7 @@ def test_symmetric_codebook_equals_mirrored_scan():
     half = [math.nan] * 3 + list(table[3:]) + [math.nan] * 2  # codes 3..5 are the non-negative half
     mags = scan_reference([abs(v) for v in xs], half)
     want = [5 - c if v < 0 else c for v, c in zip(xs, mags)]
-    assert fmt.quantize(x, UNIT).flatten().tolist() == want
+    assert quantize_both_paths(fmt, x) == want
 
 
 def test_binary_is_the_sign():
@@ -196,3 +211,22 @@ def test_nvfp4_equals_reference():
         assert s == float(want_s)
         eff = float(torch.tensor(s, dtype=torch.float32) * gs)
         assert codes == scan_reference([float(torch.tensor(v) / eff) for v in row], values)
+
+
+def test_crowded_bucket_falls_back_to_search():
+    values = torch.tensor([-1.0, 0.0, 1.0, 1.001, 1.002, 1.003, math.nan, 2.0], dtype=torch.float64)
+    table = NearestTable.build(values)
+    assert table.buckets is None  # three bounds between 1.0 and 1.0078
+    x = torch.linspace(-2, 3, BUCKET_MIN_NUMEL + 5)
+    want = scan_reference(x.double().tolist(), values.tolist())
+    assert table(x).tolist() == want
+    assert nearest_code(x, values).tolist() == want
+
+
+def test_nearest_code_float64_inputs_round_by_float64_midpoints():
+    """Inputs that no float32 can hold: a float64 midpoint and its neighbours."""
+    values = torch.tensor([0.0, 0.1, 0.3, 1.0 / 3.0], dtype=torch.float64)
+    mids = (values[1:] + values[:-1]) / 2
+    x = torch.cat([mids, torch.nextafter(mids, torch.tensor(math.inf, dtype=torch.float64)),
+                   torch.nextafter(mids, torch.tensor(-math.inf, dtype=torch.float64))])
+    assert nearest_code(x, values).tolist() == scan_reference(x.tolist(), values.tolist())

@@ -15,6 +15,7 @@ and block-scaled formats with a tensor-wide scale multiply by ``global_scale`` a
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
+from lowbit.formats.nearest import NearestTable, gather
 
 _FAMILIES: dict[str, type["Format"]] = {}
 _PRESETS: dict[str, "Format"] = {}
@@ -47,7 +49,9 @@ class Format:
 
     Subclasses set ``family`` (the registry key), ``bits`` and ``symmetric`` and implement
     ``values``, ``choose_qparams``, ``quantize`` and ``dequantize``. ``symmetric`` promises that
-    quantization is odd: ``Q(-x) == -Q(x)``.
+    quantization is odd: ``Q(-x) == -Q(x)``. Quantization is elementwise given the qparams
+    (GPTQ quantizes one column at a time). Table formats round with ``nearest`` and
+    reconstruct with ``lookup``, whose tables are built once per format and device.
     """
 
     family: ClassVar[str] = ""
@@ -91,8 +95,20 @@ class Format:
     @property
     def max(self) -> float:
         """Largest finite magnitude of the element grid."""
-        v = self.values()
-        return float(v[torch.isfinite(v)].abs().max())
+        return _max(self)
+
+    def nearest(self, x: Tensor) -> Tensor:
+        """uint8 code of the nearest finite entry of ``values()`` for every element of ``x``.
+
+        The rules of :func:`nearest_code`. The table is prepared once per format and device
+        (formats are frozen, hence hashable), so a call is a binary search or, for large
+        float32 inputs, a bucket look-up (:class:`~lowbit.formats.nearest.NearestTable`).
+        """
+        return _nearest_table(self, x.device)(x, torch.uint8)
+
+    def lookup(self, codes: Tensor) -> Tensor:
+        """float32 ``values()[codes]`` (NaN for unused codes), from the cached table."""
+        return gather(_values32(self, codes.device), codes)
 
     @property
     def zero_kind(self) -> str | None:
@@ -160,33 +176,38 @@ def absmax(blocks: Tensor) -> Tensor:
     return blocks.abs().amax(dim=1, keepdim=True)
 
 
+@functools.lru_cache(maxsize=64)
+def _table_of_bits(bits: tuple[int, ...], device: torch.device) -> NearestTable:
+    return NearestTable.build(torch.tensor(bits, dtype=torch.int64).view(torch.float64), device)
+
+
 def nearest_code(x: Tensor, values: Tensor) -> Tensor:
     """Index of the nearest finite entry of ``values`` for every element of ``x``.
 
     x: any shape, float32. values: (K,) float64 with NaN for unused codes.
     Ties go to the even code (for minifloats: the even mantissa, IEEE round-half-even).
     Values beyond the grid saturate to its ends. Returns int64 codes of ``x``'s shape.
+    The prepared table (:class:`~lowbit.formats.nearest.NearestTable`) is cached by the bits of
+    ``values``; formats use :meth:`Format.nearest`, which caches it per format.
     """
-    finite = torch.isfinite(values)
-    codes = torch.nonzero(finite).flatten()
-    v = values[codes]
-    order = torch.argsort(v, stable=True)
-    v, codes = v[order], codes[order]
-    # drop duplicate values (e.g. +0/-0): keep the even code
-    keep = torch.ones_like(v, dtype=torch.bool)
-    same = v[1:] == v[:-1]
-    for i in torch.nonzero(same).flatten().tolist():
-        a, b = codes[i], codes[i + 1]
-        drop = i if (int(a) % 2 == 1 and int(b) % 2 == 0) else i + 1
-        keep[drop] = False
-    v, codes = v[keep], codes[keep]
-    mid = (v[1:] + v[:-1]) / 2
-    xd = x.to(torch.float64, memory_format=torch.contiguous_format)
-    idx = torch.bucketize(xd, mid)  # mid[i-1] < x <= mid[i] -> i ; ties land on the lower side
-    tie = torch.zeros_like(idx, dtype=torch.bool)
-    inner = idx < mid.numel()
-    tie[inner] = xd[inner] == mid[idx[inner]]
-    upper = torch.clamp(idx + 1, max=v.numel() - 1)
-    prefer_upper = tie & (codes[idx] % 2 == 1) & (codes[upper] % 2 == 0)
-    idx = torch.where(prefer_upper, upper, idx)
-    return codes[idx]
+    bits = tuple(values.detach().to("cpu", torch.float64).contiguous().view(torch.int64).tolist())
+    return _table_of_bits(bits, x.device)(x)
+
+
+# --- per-format caches (formats are frozen dataclasses, hence hashable) ------------------
+@functools.lru_cache(maxsize=512)
+def _max(fmt: Format) -> float:
+    v = fmt.values()
+    return float(v[torch.isfinite(v)].abs().max())
+
+
+@functools.lru_cache(maxsize=512)
+def _values32(fmt: Format, device: torch.device) -> Tensor:
+    """(2**bits,) float32 ``values()`` on ``device``."""
+    with torch.inference_mode(False):  # a cached tensor must be an ordinary one, wherever built
+        return fmt.values().to(device, torch.float32)
+
+
+@functools.lru_cache(maxsize=512)
+def _nearest_table(fmt: Format, device: torch.device) -> NearestTable:
+    return NearestTable.build(fmt.values(), device)

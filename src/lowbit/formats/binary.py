@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lowbit.formats.base import Format, QParams, absmax, nearest_code, register_preset, safe_scale
+from lowbit.formats.base import Format, QParams, absmax, register_preset, safe_scale
 
 #: TWN's threshold factor: Δ = 0.7·mean|x| approximates the optimum for Gaussian weights.
 TWN_DELTA = 0.7
@@ -88,10 +88,10 @@ class TernaryFormat(Format):
         return QParams(scale=scale * clip)
 
     def quantize(self, blocks: Tensor, qp: QParams) -> Tensor:
-        return nearest_code(blocks / safe_scale(qp.scale), self.values()).to(torch.uint8)
+        return self.nearest(blocks / safe_scale(qp.scale))
 
     def dequantize(self, codes: Tensor, qp: QParams) -> Tensor:
-        return self.values().to(torch.float32)[codes.long()] * qp.scale
+        return self.lookup(codes) * qp.scale
 
 
 register_preset(BinaryFormat())

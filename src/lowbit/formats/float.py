@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
-from lowbit.formats.base import Format, QParams, absmax, nearest_code, register_preset, safe_scale
+from lowbit.formats.base import Format, QParams, absmax, register_preset, safe_scale
 
 SPECIALS = ("none", "fn", "ieee")
 
@@ -131,10 +131,10 @@ class FloatFormat(Format):
         return QParams(scale=absmax(blocks) * clip / self.max)
 
     def quantize(self, blocks: Tensor, qp: QParams) -> Tensor:
-        return nearest_code(blocks / safe_scale(qp.scale), self.values()).to(torch.uint8)
+        return self.nearest(blocks / safe_scale(qp.scale))
 
     def dequantize(self, codes: Tensor, qp: QParams) -> Tensor:
-        return self.values().to(torch.float32)[codes.long()] * qp.scale
+        return self.lookup(codes) * qp.scale
 
 
 PRESETS = (

@@ -19,6 +19,7 @@ never produced (NaN in ``values()``). ``a = 1`` is the symmetric int grid.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -26,7 +27,8 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
-from lowbit.formats.base import Format, QParams, absmax, nearest_code, register_preset, safe_scale
+from lowbit.formats.base import Format, QParams, absmax, register_preset, safe_scale
+from lowbit.formats.nearest import NearestTable
 
 #: QLoRA NormalFloat-4 (bitsandbytes ``NF4`` lookup table), exact published constants.
 NF4_VALUES = (
@@ -86,21 +88,35 @@ class CodebookFormat(Format):
 
     def quantize(self, blocks: Tensor, qp: QParams) -> Tensor:
         x = blocks / safe_scale(qp.scale)
-        if not self.symmetric:
-            return nearest_code(x, self.values()).to(torch.uint8)
-        n = len(self.table)
-        half = self.values()
-        half[: n // 2] = float("nan")  # keep the non-negative half (and 0 when n is odd)
-        code = nearest_code(x.abs(), half)
-        return torch.where(x < 0, n - 1 - code, code).to(torch.uint8)
+        half = _half_table(self, x.device)
+        if half is None:
+            return self.nearest(x)
+        code = half(x.abs(), torch.uint8)
+        return torch.where(x < 0, len(self.table) - 1 - code, code)
 
     def dequantize(self, codes: Tensor, qp: QParams) -> Tensor:
-        return self.values().to(torch.float32)[codes.long()] * qp.scale
+        return self.lookup(codes) * qp.scale
+
+
+@functools.lru_cache(maxsize=64)
+def _half_table(fmt: CodebookFormat, device: torch.device) -> NearestTable | None:
+    """For a symmetric table, its non-negative half (and 0 when odd-sized); else None."""
+    if not fmt.symmetric:
+        return None
+    half = fmt.values()
+    half[: len(fmt.table) // 2] = float("nan")
+    return NearestTable.build(half, device)
 
 
 @dataclass(frozen=True)
 class PowerFormat(Format):
-    """NUPES power quantizer, ``bits`` 2..8, exponent ``a`` in (0, 1]; scale = absmax·clip."""
+    """NUPES power quantizer, ``bits`` 2..8, exponent ``a`` in (0, 1]; scale = absmax·clip.
+
+    Elementwise given the scale only up to the last bit of torch's float64 ``pow``: for
+    ``a != 0.5`` its vectorized and scalar loops can differ by an ulp, so an element whose
+    power-domain value lies within an ulp of a half-integer may round differently depending on
+    its place in memory. ``a = 0.5`` (the presets) is a correctly rounded square root.
+    """
 
     family = "power"
     bits: int = 4
@@ -133,19 +149,20 @@ class PowerFormat(Format):
 
     def power_domain(self, blocks: Tensor, qp: QParams) -> Tensor:
         """``(|x| / S)^a · qmax`` in float64: the quantity that is rounded to ``|q|``."""
-        return (blocks.double().abs() / safe_scale(qp.scale).double()) ** self.a * self.qmax
+        y = blocks.abs().to(torch.float64)  # a new tensor: the in-place steps below are safe
+        return y.div_(safe_scale(qp.scale).double()).pow_(self.a).mul_(self.qmax)
 
     def quantize(self, blocks: Tensor, qp: QParams) -> Tensor:
-        q = torch.round(self.power_domain(blocks, qp)).clamp(max=self.qmax)  # ties to even
-        q = torch.where(blocks < 0, -q, q)
-        return (q + 2 ** (self.bits - 1)).to(torch.uint8)
+        q = self.power_domain(blocks, qp).round_().clamp_(max=self.qmax)  # ties to even
+        q = q.copysign_(blocks)  # -|q| for x < 0; for x = -0, q = 0 gives the same code
+        return q.add_(2 ** (self.bits - 1)).to(torch.uint8)
 
     def choose_qparams(self, blocks: Tensor, clip: float = 1.0,
                        global_scale: Tensor | None = None) -> QParams:
         return QParams(scale=absmax(blocks) * clip)
 
     def dequantize(self, codes: Tensor, qp: QParams) -> Tensor:
-        return self.values().to(torch.float32)[codes.long()] * qp.scale
+        return self.lookup(codes) * qp.scale
 
 
 register_preset(CodebookFormat(NF4_VALUES, "nf4"))

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
-from lowbit.formats.base import Format, QParams, absmax, nearest_code, register_preset, safe_scale
+from lowbit.formats.base import Format, QParams, absmax, register_preset, safe_scale
 from lowbit.formats.float import FloatFormat
 
 _FLOAT_ELEMENTS = {
@@ -116,10 +116,10 @@ class MXFormat(Format):
         return QParams(scale=torch.exp2(exp))  # exact powers of two, 2^-127 .. 2^127
 
     def quantize(self, blocks: Tensor, qp: QParams) -> Tensor:
-        return nearest_code(blocks / safe_scale(qp.scale), self.values()).to(torch.uint8)
+        return self.nearest(blocks / safe_scale(qp.scale))
 
     def dequantize(self, codes: Tensor, qp: QParams) -> Tensor:
-        return self.values().to(torch.float32)[codes.long()] * qp.scale
+        return self.lookup(codes) * qp.scale
 
 
 _E4M3_MAX = 448.0
@@ -165,12 +165,12 @@ class NVFP4Format(Format):
         return QParams(scale=s.to(torch.float8_e4m3fn).to(torch.float32), global_scale=g)
 
     def quantize(self, blocks: Tensor, qp: QParams) -> Tensor:
-        g = qp.global_scale if qp.global_scale is not None else torch.ones(())
-        return nearest_code(blocks / safe_scale(qp.scale * g), self.values()).to(torch.uint8)
+        s = qp.scale if qp.global_scale is None else qp.scale * qp.global_scale
+        return self.nearest(blocks / safe_scale(s))
 
     def dequantize(self, codes: Tensor, qp: QParams) -> Tensor:
-        g = qp.global_scale if qp.global_scale is not None else torch.ones(())
-        return self.values().to(torch.float32)[codes.long()] * (qp.scale * g)
+        s = qp.scale if qp.global_scale is None else qp.scale * qp.global_scale
+        return self.lookup(codes) * s
 
 
 for _e in ELEMENTS:
