@@ -164,3 +164,20 @@ def test_api_quantize_with_gptq_needs_calibration_data():
         lowbit.quantize(model, "uint4:g32", method="gptq")
     lowbit.quantize(model, "uint4:g32", method="gptq", calib=torch.randint(0, V, (4, 16)), progress=False,
                     damp=0.05)
+
+
+def test_hidden_states_spilled_to_disk_give_the_same_model(tmp_path):
+    """A budget of zero bytes keeps every hidden state on disk; the result does not change."""
+    from lowbit.apply import quantized_tensors
+
+    plan_spec = parse_scheme("uint4:g32")
+    results = []
+    for budget, workdir in ((1 << 30, None), (0, tmp_path / "run")):
+        model = build("llama")
+        calibrate(model, default_plan(model, plan_spec), calibrated("gptq"), token_batches(3), workdir=workdir,
+                  act_budget=budget, progress=False)
+        results.append({f"{n}.{p}": qt.codes() for n, p, qt, _ in quantized_tensors(model)})
+    assert results[0].keys() == results[1].keys()
+    for k in results[0]:
+        assert torch.equal(results[0][k], results[1][k]), k
+    assert sorted(p.name for p in (tmp_path / "run").iterdir())[:2] == ["acts-0001", "block-0000.json"]
