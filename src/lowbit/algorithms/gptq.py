@@ -242,16 +242,40 @@ def _column_loop(W: Tensor, Hinv: Tensor, qps: _Qparams, spec: QuantSpec, block:
         W1 = WT[i1:i2]  # (b, rows): the block, kept up to date column by column (a view)
         Hinv1 = Hinv[i1:i2, i1:i2]  # (b, b)
         Err1 = torch.empty_like(W1)  # (b, rows) scaled errors e_j
-        for i in range(i2 - i1):
-            j = i1 + i
-            if group and j % group == 0:
-                qps.choose_group(j, W1[i:i + group].T.contiguous())  # (rows, w)
-            qp = qps.column(j)
-            c = fmt.quantize(W1[i].unsqueeze(1), qp)  # (rows, 1) uint8
-            codesT[j] = c.view(-1)
-            e = torch.sub(W1[i], fmt.dequantize(c, qp).view(-1), out=Err1[i])  # (rows,)
-            e.div_(Hinv1[i, i])
-            W1[i + 1:].addr_(Hinv1[i, i + 1:], e, alpha=-1.0)  # (b-i-1, rows) -= outer(U[i, i+1:], e)
+        with _one_thread(W.device):  # tiny per-column ops: thread sync costs more than it saves
+            for i in range(i2 - i1):
+                j = i1 + i
+                if group and j % group == 0:
+                    qps.choose_group(j, W1[i:i + group].T.contiguous())  # (rows, w)
+                qp = qps.column(j)
+                c = fmt.quantize(W1[i].unsqueeze(1), qp)  # (rows, 1) uint8
+                codesT[j] = c.view(-1)
+                e = torch.sub(W1[i], fmt.dequantize(c, qp).view(-1), out=Err1[i])  # (rows,)
+                e.div_(Hinv1[i, i])
+                W1[i + 1:].addr_(Hinv1[i, i + 1:], e, alpha=-1.0)  # (b-i-1, rows) -= outer(U[i, i+1:], e)
         loss += Err1.double().square().sum()
         WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1.0)  # lazy update of the later columns
     return codesT.T.contiguous(), float(loss) / 2
+
+
+class _one_thread:
+    """Run the per-column steps on one CPU thread, then restore the thread count.
+
+    Each column touches a few thousand numbers; with several intra-op threads the fork/join of
+    every small op dominates, and on a busy machine spinning threads make it far worse (measured:
+    2-5x slower with 2 threads under load). The lazy block updates (large matmuls) keep every
+    thread. Elementwise results do not depend on the thread count, so codes are unchanged.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cpu = device.type == "cpu"
+        self.saved = 1
+
+    def __enter__(self) -> None:
+        if self.cpu:
+            self.saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cpu:
+            torch.set_num_threads(self.saved)
