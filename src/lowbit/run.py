@@ -100,6 +100,7 @@ def calibrate(model: nn.Module, plan: list[Rule], algorithm: Any, batches: list[
                 run.mark_done(i)
             if streaming:
                 streaming.release(blocks[i])
+            _trim_heap()
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -170,6 +171,7 @@ def _quantize_block(model: nn.Module, block: nn.Module, calls: list, hidden: Gen
             call.run(block, hidden[j])
             seen.reset()
     entries = []
+    last_use = {id(seen.layers[t.key]): t.key for t, _ in pairs if t.key in seen.layers}
     for target, spec in pairs:
         module = modules[target.module_name]
         w = getattr(module, target.param)
@@ -177,7 +179,8 @@ def _quantize_block(model: nn.Module, block: nn.Module, calls: list, hidden: Gen
             qt = _solve_experts(target, w, spec, seen.experts.get(target.key, {}), algorithm, report)
         elif target.key in seen.layers:
             qt = _solve(target, w, spec, seen.layers[target.key], algorithm, report)
-        else:
+            if last_use.get(id(seen.layers[target.key])) == target.key:
+                seen.layers[target.key].__dict__.clear()  # its statistics are no longer needed        else:
             check_weight(matrix_view(w.detach(), target.layout), spec, *matrix_view(w, target.layout).shape,
                          target.key)
             from lowbit.quantizer import quantize_weight
@@ -295,3 +298,16 @@ class _eager_experts:
         if self.saved is not None:
             self.model.set_experts_implementation(self.saved)
 
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS after a block (glibc keeps it otherwise, and a
+    long run's resident memory creeps up by fragmentation). A no-op where glibc is absent."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass

@@ -74,7 +74,10 @@ def _try_cholesky(H: Tensor) -> Tensor | None:
     L, info = torch.linalg.cholesky_ex(H)
     if int(info) != 0 or not _finite(L):
         return None
-    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    Linv = torch.cholesky_inverse(L)
+    del L  # (cols, cols) each: keep at most two alive (8640 columns: 300 MB apiece)
+    U, info = torch.linalg.cholesky_ex(Linv, upper=True)
+    del Linv
     if int(info) != 0 or not _finite(U):
         return None
     return U
