@@ -1,0 +1,145 @@
+"""SmolLM2-135M: round-to-nearest against GPTQ, in-domain (pydoc) and out of domain (English prose).
+
+    python3 bench/gptq.py [--windows 16] [--samples 32] [--only CELL,...] [--fresh]
+
+Every cell quantizes with the real CLI in a child process (``lowbit quantize``), measured by
+``bench/rss.py`` for wall time and peak RSS, then the saved folder is scored here against cached
+fp32 log-probabilities on both corpora: perplexity and KL(P_fp32 ‖ P_quantized). Cells are kept
+in ``bench/out/gptq/*.json``; a finished cell is not recomputed unless --fresh is given, so a
+killed run resumes. Writes the section of BENCHMARKS.md between the gptq markers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import reference_logprobs, score  # noqa: E402
+from corpora import prose_split  # noqa: E402
+from rss import measure  # noqa: E402
+
+from lowbit.eval import eval_text, token_windows  # noqa: E402
+from lowbit.hf.load import load_lowbit, load_model  # noqa: E402
+from lowbit.report import manifest_bits_per_weight  # noqa: E402
+
+OUT = HERE / "out" / "gptq"
+MARK_BEGIN, MARK_END = "<!-- gptq:begin -->", "<!-- gptq:end -->"
+PROSE_NAME = ("the evaluation half of out-of-domain English prose (Alice in Wonderland and the Library of Congress "
+              "1992 Workshop on Electronic Texts, from the Canterbury corpus in the PyPI sdist brotli==1.2.1; "
+              "bench/corpora.py)")
+SCHEMES = ["w4g64-asym", "w4g128-asym", "w3g128-asym", "w4g128", "w4g64", "w3g128", "fp4", "nvfp4"]
+#: (cell name, scheme, method, extra CLI arguments); GPTQ cells take --samples/--seq-len from the command line
+CELLS = [(f"{s}/{m}", s, m, []) for s in SCHEMES for m in ("rtn", "gptq")] + [
+    ("uint4_fz:g64:hqq/rtn (= HQQ)", "uint4_fz:g64:hqq", "rtn", []),
+    ("uint4_fz:g64:hqq/gptq", "uint4_fz:g64:hqq", "gptq", []),
+    ("uint4_fz:g64:hqq/gptq-self", "uint4_fz:g64:hqq", "gptq", ["--calib", "self"]),
+    ("uint4_fz:g64:hqq/gptq-mix", "uint4_fz:g64:hqq", "gptq", ["--calib", "pydoc:0.5,self:0.5"]),
+    ("w4g64-asym/gptq-damp0.1", "w4g64-asym", "gptq", ["--damp", "0.1"]),
+    ("w3g128-asym/gptq-self", "w3g128-asym", "gptq", ["--calib", "self"]),
+    ("w4g64-asym/gptq-actorder", "w4g64-asym", "gptq", ["--act-order"]),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--windows", type=int, default=16, help="evaluation windows per corpus")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--samples", type=int, default=32, help="GPTQ calibration windows")
+    ap.add_argument("--only", default=None, help="comma-separated cell names")
+    ap.add_argument("--fresh", action="store_true")
+    args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    cells = [c for c in CELLS if not args.only or c[0] in args.only.split(",")]
+    todo = [c for c in cells if args.fresh or not _path(c[0], args).exists()]
+    if todo or args.fresh or not _path("fp32", args).exists():
+        loaded = load_model("smollm2-135m")
+        corpora = {"pydoc": token_windows(loaded.tokenizer, eval_text(None), args.seq_len, args.windows),
+                   "prose": token_windows(loaded.tokenizer, prose_split()[1], args.seq_len, args.windows)}
+        refs = {k: reference_logprobs(loaded.model, w) for k, w in corpora.items()}
+        if args.fresh or not _path("fp32", args).exists():
+            _write(_path("fp32", args), {"cell": "fp32", **{k: score(loaded.model, w, refs[k])
+                                                              for k, w in corpora.items()}})
+        del loaded
+        for cell in todo:
+            print(f"[bench] {cell[0]}", flush=True)
+            _write(_path(cell[0], args), run_cell(cell, corpora, refs, args))
+    write_markdown(cells, args)
+
+
+def run_cell(cell: tuple, corpora: dict, refs: dict, args) -> dict:
+    name, scheme, method, extra = cell
+    folder = OUT / "models" / _path(name, args).stem
+    report = folder.with_suffix(".report.json")
+    cmd = ["lowbit", "quantize", "smollm2-135m", "--scheme", scheme, "--method", method, "--out", str(folder),
+           "--overwrite", "--report", str(report)]
+    if method == "gptq":
+        cmd += ["--samples", str(args.samples), "--seq-len", str(args.seq_len), *extra]
+    m = measure(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if m["returncode"] != 0:
+        raise SystemExit(f"{name} failed:\n{m['stderr_tail']}")
+    numbers = json.loads(report.read_text())
+    model = load_lowbit(folder).model
+    result = {"cell": name, "scheme": scheme, "method": method, "args": extra, "samples": args.samples,
+              "quantize_seconds": numbers["quantize_seconds"], "wall_seconds": m["seconds"],
+              "peak_rss_mb": m["peak_rss_mb"], "bpw": manifest_bits_per_weight(folder),
+              **{k: score(model, w, refs[k]) for k, w in corpora.items()}}
+    shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
+def _path(cell: str, args) -> Path:
+    safe = cell.replace("/", "__").replace(":", "_").replace(" ", "").replace("(", "").replace(")", "").replace("=", "")
+    return OUT / f"{safe}-w{args.windows}-l{args.seq_len}-n{args.samples}.json"
+
+
+def _write(path: Path, result: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def write_markdown(cells: list, args) -> None:
+    base = json.loads(_path("fp32", args).read_text())
+    rows = [json.loads(_path(c[0], args).read_text()) for c in cells if _path(c[0], args).exists()]
+    cmd = f"python3 bench/gptq.py --windows {args.windows} --seq-len {args.seq_len} --samples {args.samples}"
+    lines = [
+        MARK_BEGIN,
+        "## SmolLM2-135M-Instruct: round-to-nearest against GPTQ, in and out of domain",
+        "",
+        f"Reproduce: `{cmd}` (cells cached in `bench/out/gptq/`; `--fresh` recomputes).",
+        f"Evaluation: {args.windows} windows of {args.seq_len} tokens from the pydoc evaluation half and from "
+        f"{PROSE_NAME}. fp32 perplexity: pydoc {base['pydoc']['ppl']:.3f}, prose {base['prose']['ppl']:.3f}. "
+        f"GPTQ calibrates on {args.samples} windows of {args.seq_len} tokens (pydoc calibration half unless the "
+        "cell says `self`, text the model generated, or a mix). Quantize seconds exclude loading the model; "
+        "peak RSS is the whole `lowbit quantize` process. "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}.",
+        "",
+        "| cell | bits/weight | pydoc ppl | × fp32 | pydoc KL | prose ppl | × fp32 | prose KL | quantize s | peak RSS |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['cell']} | {r['bpw']:.3f} | {r['pydoc']['ppl']:.3f} | {r['pydoc']['ppl'] / base['pydoc']['ppl']:.3f}"
+            f" | {r['pydoc']['kl']:.4f} | {r['prose']['ppl']:.3f} | {r['prose']['ppl'] / base['prose']['ppl']:.3f}"
+            f" | {r['prose']['kl']:.4f} | {r['quantize_seconds']:.1f} | {r['peak_rss_mb']:.0f} MiB |")
+    lines += ["", MARK_END]
+    path = HERE.parent / "BENCHMARKS.md"
+    text = path.read_text()
+    if MARK_BEGIN not in text:
+        text += "\n" + MARK_BEGIN + "\n" + MARK_END + "\n"
+    head, _, rest = text.partition(MARK_BEGIN)
+    _, _, tail = rest.partition(MARK_END)
+    path.write_text(head + "\n".join(lines) + tail)
+
+
+if __name__ == "__main__":
+    main()
