@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated cell names")
     ap.add_argument("--fresh", action="store_true")
     args = ap.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "models").mkdir(parents=True, exist_ok=True)
     cells = [c for c in CELLS if not args.only or c[0] in args.only.split(",")]
     todo = [c for c in cells if args.fresh or not _path(c[0], args).exists()]
     if todo or args.fresh or not _path("fp32", args).exists():
