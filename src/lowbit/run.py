@@ -180,7 +180,8 @@ def _quantize_block(model: nn.Module, block: nn.Module, calls: list, hidden: Gen
         elif target.key in seen.layers:
             qt = _solve(target, w, spec, seen.layers[target.key], algorithm, report)
             if last_use.get(id(seen.layers[target.key])) == target.key:
-                seen.layers[target.key].__dict__.clear()  # its statistics are no longer needed        else:
+                seen.layers[target.key].__dict__.clear()  # its statistics are no longer needed
+        else:
             check_weight(matrix_view(w.detach(), target.layout), spec, *matrix_view(w, target.layout).shape,
                          target.key)
             from lowbit.quantizer import quantize_weight

@@ -39,6 +39,7 @@ def test_runner_quantizes_every_planned_tensor_of_every_family(name):
 
     assert len(list(quantized_tensors(model))) == len(plan)
     assert report.layers and all(r["tokens"] > 0 and r["loss"] >= 0 for r in report.layers)
+    assert not report.fallbacks  # every tensor solved by GPTQ, none rounded to nearest
     out = families.output(model, token_batches(1)[0])
     assert torch.isfinite(out).all()
 
@@ -174,10 +175,11 @@ def test_hidden_states_spilled_to_disk_give_the_same_model(tmp_path):
     results = []
     for budget, workdir in ((1 << 30, None), (0, tmp_path / "run")):
         model = build("llama")
-        calibrate(model, default_plan(model, plan_spec), calibrated("gptq"), token_batches(3), workdir=workdir,
-                  act_budget=budget, progress=False)
+        report = calibrate(model, default_plan(model, plan_spec), calibrated("gptq"), token_batches(3),
+                           workdir=workdir, act_budget=budget, progress=False)
         results.append({f"{n}.{p}": qt.codes() for n, p, qt, _ in quantized_tensors(model)})
     assert results[0].keys() == results[1].keys()
+    assert not report.fallbacks
     for k in results[0]:
         assert torch.equal(results[0][k], results[1][k]), k
     assert sorted(p.name for p in (tmp_path / "run").iterdir())[:2] == ["acts-0001", "block-0000.json"]
