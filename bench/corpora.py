@@ -27,8 +27,8 @@ Cleaning (deterministic, on the verified bytes): CRLF becomes LF; every line is 
 leading and trailing blanks (the hard line wrapping of the etexts is kept, and so are their
 two spaces after a full stop and Alice's `...' quotes); gaps of three or more spaces (column
 layout) become one; lines of only ``*`` (scene breaks) and the DOS end-of-file byte are dropped;
-runs of blank lines become one. *Alice* loses its title block and the closing ``THE END`` and is cut into its 12
-chapters (each keeps its ``CHAPTER N`` heading and title). The proceedings keep the
+runs of blank lines become one. *Alice* loses its title block and the closing ``THE END`` and
+is cut into its 12 chapters (each keeps its ``CHAPTER N`` heading and title). The proceedings keep the
 introduction, the proceedings and the abstracts (Appendix II), cut into sections at the
 etext's ``******`` and ``SESSION`` dividers; the Project Gutenberg header and end line, the title
 page, contents, acknowledgements, the programme (Appendix I), the directory of participants
