@@ -14,7 +14,6 @@ from rich.console import Console
 from rich.table import Table
 
 from lowbit.errors import LowbitError
-from lowbit.cli_demo import mib
 from lowbit.schemes import presets
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -150,11 +149,6 @@ def demo(
     from lowbit.cli_demo import run_demo
 
     run_demo(console, scheme=scheme, windows=windows, seq_len=seq_len, out=out, source=model, overwrite=overwrite)
-
-
-def _check_writable(path: Optional[Path]) -> None:
-    if path is not None and not path.parent.is_dir():
-        raise LowbitError(f"cannot write {path}: folder {path.parent} does not exist")
 
 
 def main() -> None:
