@@ -1,6 +1,6 @@
 """SmolLM2-135M: round-to-nearest against GPTQ, in-domain (pydoc) and out of domain (English prose).
 
-    python3 bench/gptq.py [--windows 16] [--samples 32] [--only CELL,...] [--fresh]
+    python3 bench/gptq.py [--windows 16] [--samples 32] [--only CELL,...] [--fresh] [--report-only]
 
 Every cell quantizes with the real CLI in a child process (``lowbit quantize``), measured by
 ``bench/rss.py`` for wall time and peak RSS, then the saved folder is scored here against cached
@@ -44,6 +44,7 @@ CELLS = [(f"{s}/{m}", s, m, []) for s in SCHEMES for m in ("rtn", "gptq")] + [
     ("uint4_fz:g64:hqq/gptq-self", "uint4_fz:g64:hqq", "gptq", ["--calib", "self"]),
     ("uint4_fz:g64:hqq/gptq-mix", "uint4_fz:g64:hqq", "gptq", ["--calib", "pydoc:0.5,self:0.5"]),
     ("w4g64-asym/gptq-damp0.1", "w4g64-asym", "gptq", ["--damp", "0.1"]),
+    ("w4g64-asym/gptq-damp1", "w4g64-asym", "gptq", ["--damp", "1.0"]),
     ("w3g128-asym/gptq-self", "w3g128-asym", "gptq", ["--calib", "self"]),
     ("w4g64-asym/gptq-actorder", "w4g64-asym", "gptq", ["--act-order"]),
 ]
@@ -56,7 +57,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=32, help="GPTQ calibration windows")
     ap.add_argument("--only", default=None, help="comma-separated cell names")
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="only rewrite BENCHMARKS.md from finished cells")
     args = ap.parse_args()
+    if args.report_only:
+        write_markdown(CELLS, args)
+        return
     (OUT / "models").mkdir(parents=True, exist_ok=True)
     cells = [c for c in CELLS if not args.only or c[0] in args.only.split(",")]
     todo = [c for c in cells if args.fresh or not _path(c[0], args).exists()]
