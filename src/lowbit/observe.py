@@ -131,3 +131,23 @@ def _expert_index(full: Tensor, w: Tensor) -> int | None:
         return None
     e = offset // full.stride(0)
     return e if 0 <= e < full.shape[0] else None
+
+
+class eager_experts:
+    """Run fused MoE experts with the per-expert loop while calibrating (``observe`` needs it)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.saved = None
+
+    def __enter__(self) -> None:
+        if hasattr(self.model, "get_experts_implementation") and hasattr(self.model, "set_experts_implementation"):
+            try:
+                self.saved = self.model.get_experts_implementation()
+                self.model.set_experts_implementation("eager")
+            except (ValueError, AttributeError):
+                self.saved = None
+
+    def __exit__(self, *exc: object) -> None:
+        if self.saved is not None:
+            self.model.set_experts_implementation(self.saved)

@@ -29,7 +29,7 @@ from lowbit.apply import attach
 from lowbit.capture import catch_inputs, check_uniform_layers, find_blocks
 from lowbit.checkpoint import RunDir, read_block
 from lowbit.errors import LowbitError
-from lowbit.observe import observe
+from lowbit.observe import eager_experts, observe
 from lowbit.plan import Target, resolve_targets
 from lowbit.qtensor import QuantizedTensor, matrix_view
 from lowbit.quantizer import check_weight, pack_matrix, quantize_matrix
@@ -81,7 +81,7 @@ def calibrate(model: nn.Module, plan: list[Rule], algorithm: Any, batches: list[
     start = run.done if run else 0
     report.resumed_from, report.blocks = start, len(blocks)
     _round_outside(model, outside, report)
-    with _eager_experts(model):
+    with eager_experts(model):
         calls = catch_inputs(model, blocks[0] if found else None, batches)
         hidden = _first_generation(calls, run, start, act_budget)
         for i in range(start):
@@ -278,27 +278,6 @@ def restore_block(model: nn.Module, folder: Path, i: int) -> None:
         parts = {r: tensors[f"{key}.{r}"] for r in ("codes", "scale", "zero", "global_scale")
                  if f"{key}.{r}" in tensors}
         attach(modules[module_name], param, QuantizedTensor.from_tensors(m, parts), getattr(torch, m["dtype"]))
-
-
-class _eager_experts:
-    """Run fused MoE experts with the per-expert loop while calibrating (``observe`` needs it)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.saved = None
-
-    def __enter__(self) -> None:
-        if hasattr(self.model, "get_experts_implementation") and hasattr(self.model, "set_experts_implementation"):
-            try:
-                self.saved = self.model.get_experts_implementation()
-                self.model.set_experts_implementation("eager")
-            except (ValueError, AttributeError):
-                self.saved = None
-
-    def __exit__(self, *exc: object) -> None:
-        if self.saved is not None:
-            self.model.set_experts_implementation(self.saved)
-
 
 
 def _trim_heap() -> None:
