@@ -41,6 +41,7 @@ SCHEMES = ["w4g64-asym", "w4g128-asym", "w3g128-asym", "w4g128", "w4g64", "w3g12
 CELLS = [(f"{s}/{m}", s, m, []) for s in SCHEMES for m in ("rtn", "gptq")] + [
     ("uint4_fz:g64:hqq/rtn (= HQQ)", "uint4_fz:g64:hqq", "rtn", []),
     ("uint4_fz:g64:hqq/gptq", "uint4_fz:g64:hqq", "gptq", []),
+    ("uint4_fz:g64:hqq/gptq-damp1", "uint4_fz:g64:hqq", "gptq", ["--damp", "1.0"]),
     ("uint4_fz:g64:hqq/gptq-self", "uint4_fz:g64:hqq", "gptq", ["--calib", "self"]),
     ("uint4_fz:g64:hqq/gptq-mix", "uint4_fz:g64:hqq", "gptq", ["--calib", "pydoc:0.5,self:0.5"]),
     ("w4g64-asym/gptq-damp0.1", "w4g64-asym", "gptq", ["--damp", "0.1"]),
