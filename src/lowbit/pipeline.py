@@ -50,7 +50,7 @@ class CalibratedRun:
 
 def run_calibrated(args: CalibratedRun, say=print) -> dict[str, Any]:
     """Do the run; returns the numbers for the summary (seconds, peak RSS, forecast, report)."""
-    from lowbit.calib import calibration_windows
+    from lowbit.calib import calibration_windows, parse_calib
     from lowbit.methods import calibrated
 
     algorithm = calibrated(args.method, **args.options)  # bad options fail before any loading
@@ -61,7 +61,7 @@ def run_calibrated(args: CalibratedRun, say=print) -> dict[str, Any]:
     t0 = time.perf_counter()  # the run's seconds leave out loading the model, as for data-free methods
     if tokenizer is None:
         raise LowbitError(f"{args.source} has no tokenizer, so calibration text cannot be tokenized")
-    if streamed is not None and "self" in args.calib:
+    if streamed is not None and any(src.kind == "self" for src in parse_calib(args.calib)):
         raise LowbitError("self-generated calibration text needs the whole model in memory, but this run "
                           "streams its weights; pass --calib pydoc or a text file")
     windows = calibration_windows(tokenizer, args.calib, args.samples, args.seq_len, seed=args.seed, model=model)
@@ -70,8 +70,9 @@ def run_calibrated(args: CalibratedRun, say=print) -> dict[str, Any]:
     forecast, act_budget, batch = fit(shape, max_bytes, args.act_budget, measure_flops(), streamed is not None)
     say(forecast.describe())
     batches = list(windows.split(batch))
+    # the batching is part of the run: a resume that split the windows differently would not match
     run_id = fingerprint(identity, args.spec.to_dict(), args.method, sorted(args.options.items()), windows,
-                         lowbit.__version__)
+                         batch, lowbit.__version__)
     workdir = args.out.with_name(args.out.name + ".partial")
     stream = Streaming(streamed.load, streamed.release) if streamed else None
     report = calibrate(model, plan, algorithm, batches, workdir=workdir, resume=args.resume, fingerprint=run_id,
