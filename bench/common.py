@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -35,3 +36,16 @@ def score(model, windows: torch.Tensor, ref: list[torch.Tensor]) -> dict:
         kl += float(token_kl(logp, ref_logp).double().sum())
         n += logp.shape[1]
     return {"ppl": math.exp(nll / n), "kl": kl / n, "tokens": n, "eval_seconds": time.perf_counter() - t0}
+
+
+def write_section(path: Path, begin: str, end: str, lines: list[str]) -> None:
+    """Replace the text between the markers ``begin`` and ``end`` of ``path`` (appended if absent).
+
+    ``lines`` include both markers.
+    """
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin not in text:
+        text += "\n" + begin + "\n" + end + "\n"
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    path.write_text(head + "\n".join(lines) + tail)

@@ -23,7 +23,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import reference_logprobs, score  # noqa: E402
+from common import reference_logprobs, score, write_section  # noqa: E402
 from corpora import prose_split  # noqa: E402
 from rss import measure  # noqa: E402
 
@@ -138,13 +138,7 @@ def write_markdown(cells: list, args) -> None:
             f" | {r['pydoc']['kl']:.4f} | {r['prose']['ppl']:.3f} | {r['prose']['ppl'] / base['prose']['ppl']:.3f}"
             f" | {r['prose']['kl']:.4f} | {r['quantize_seconds']:.1f} | {r['peak_rss_mb']:.0f} MiB |")
     lines += ["", MARK_END]
-    path = HERE.parent / "BENCHMARKS.md"
-    text = path.read_text()
-    if MARK_BEGIN not in text:
-        text += "\n" + MARK_BEGIN + "\n" + MARK_END + "\n"
-    head, _, rest = text.partition(MARK_BEGIN)
-    _, _, tail = rest.partition(MARK_END)
-    path.write_text(head + "\n".join(lines) + tail)
+    write_section(HERE.parent / "BENCHMARKS.md", MARK_BEGIN, MARK_END, lines)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import lowbit  # noqa: E402
-from common import reference_logprobs, score  # noqa: E402
+from common import reference_logprobs, score, write_section  # noqa: E402
 from lowbit.eval import eval_text, token_windows  # noqa: E402
 from lowbit.hf.load import load_model  # noqa: E402
 from lowbit.report import bits_per_weight, folder_bytes  # noqa: E402
@@ -114,11 +114,7 @@ def write_markdown(presets: list[str], args) -> None:
                      f"{r['bytes'] / 2**20:.1f} MiB | {r['bpw']:.3f} | {r['quantize_seconds']:.1f} | "
                      f"{r['eval_seconds']:.1f} |")
     lines += ["", MARK_END]
-    path = HERE.parent / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n" + MARK_BEGIN + "\n" + MARK_END + "\n"
-    head, _, rest = text.partition(MARK_BEGIN)
-    _, _, tail = rest.partition(MARK_END)
-    path.write_text(head + "\n".join(lines) + tail)
+    write_section(HERE.parent / "BENCHMARKS.md", MARK_BEGIN, MARK_END, lines)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from common import write_section  # noqa: E402
 from rss import measure  # noqa: E402
 
 OUT = HERE / "out" / "scale"
@@ -69,13 +70,7 @@ def write_markdown(runs: list[dict], model: Path, out: Path) -> None:
         "",
         MARK_END,
     ]
-    path = HERE.parent / "BENCHMARKS.md"
-    text = path.read_text()
-    if MARK_BEGIN not in text:
-        text += "\n" + MARK_BEGIN + "\n" + MARK_END + "\n"
-    head, _, rest = text.partition(MARK_BEGIN)
-    _, _, tail = rest.partition(MARK_END)
-    path.write_text(head + "\n".join(lines) + tail)
+    write_section(HERE.parent / "BENCHMARKS.md", MARK_BEGIN, MARK_END, lines)
 
 
 if __name__ == "__main__":

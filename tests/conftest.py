@@ -66,3 +66,12 @@ def run(capfd, monkeypatch):
         return subprocess.CompletedProcess(args, code, out, err)
 
     return _run
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: ATen's thread fan-out costs more than it saves."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -78,10 +78,6 @@ class Generation:
             gen.resident += size if keep else 0
         return gen
 
-    def discard(self) -> None:
-        self.memory.clear()
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _name(i: int) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -106,7 +106,7 @@ def fit(s: Shape, max_bytes: int | None, act_budget: int, flops_per_s: float, st
     raises ``LowbitError`` saying what would fit when even that does not.
     """
     for budget, batch_tokens in ((act_budget, s.batch_tokens), (0, s.batch_tokens), (0, s.seq_len)):
-        f = forecast(Shape(**{**s.__dict__, "batch_tokens": batch_tokens}), budget, flops_per_s)
+        f = forecast(replace(s, batch_tokens=batch_tokens), budget, flops_per_s)
         if max_bytes is None or f.peak_bytes <= max_bytes:
             return f, budget, max(1, batch_tokens // s.seq_len)
     hint = "" if streamed else "; load the model from a safetensors folder so its blocks stream from disk"

@@ -104,7 +104,8 @@ def _open(args: CalibratedRun) -> tuple[nn.Module, Any, Any, Any]:
 def _shape(model: nn.Module, plan: list, streamed: Any, args: CalibratedRun, windows: torch.Tensor) -> Shape:
     found = find_blocks(model)
     prefix = f"{found[0]}.0." if found else ""
-    layers = tuple(matrix_shape(tuple(getattr(dict(model.named_modules())[t.module_name], t.param).shape), t.layout)
+    modules = dict(model.named_modules())
+    layers = tuple(matrix_shape(tuple(getattr(modules[t.module_name], t.param).shape), t.layout)
                    for t, _ in resolve_targets(model, plan) if t.key.startswith(prefix))
     block = found[1][0] if found else model
     params = sum(p.numel() for p in block.parameters())

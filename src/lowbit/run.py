@@ -15,6 +15,7 @@ returning ``codes, scale, zero, info`` (see ``algorithms``); it never sees the m
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from lowbit.errors import LowbitError
 from lowbit.observe import eager_experts, observe
 from lowbit.plan import Target, resolve_targets
 from lowbit.qtensor import QuantizedTensor, matrix_view
-from lowbit.quantizer import check_weight, pack_matrix, quantize_matrix
+from lowbit.quantizer import check_weight, pack_matrix, quantize_matrix, quantize_weight
 from lowbit.spec import QuantSpec, Rule, tile_of
 
 
@@ -96,7 +97,7 @@ def calibrate(model: nn.Module, plan: list[Rule], algorithm: Any, batches: list[
             folder = run.acts(i) if run else None
             hidden = _propagate(blocks[i], calls, hidden, Generation(folder, act_budget // 2))
             if run:
-                run.save_block(i, *_block_payload(model, entries, report))
+                run.save_block(i, *_block_payload(entries, report))
                 run.mark_done(i)
             if streaming:
                 streaming.release(blocks[i])
@@ -128,15 +129,9 @@ def _round_outside(model: nn.Module, pairs: list, report: RunReport) -> None:
 
     if not pairs:
         return
-    rules = [Rule(f"^{_escape(t.key)}$", spec) for t, spec in pairs]
+    rules = [Rule(f"^{re.escape(t.key)}$", spec) for t, spec in pairs]
     quantize_model(model, rules, method="rtn", progress=False)
     report.fallbacks += [f"{t.key}: outside the repeated blocks, rounded to nearest" for t, _ in pairs]
-
-
-def _escape(key: str) -> str:
-    import re
-
-    return re.escape(key)
 
 
 def _first_generation(calls: list, run: RunDir | None, start: int, budget: int) -> Generation:
@@ -162,7 +157,7 @@ def _drop_hidden(calls: list) -> None:
 
 
 def _quantize_block(model: nn.Module, block: nn.Module, calls: list, hidden: Generation, pairs: list,
-                    algorithm: Any, report: RunReport) -> list[tuple[Target, QuantizedTensor]]:
+                    algorithm: Any, report: RunReport) -> list[tuple[Target, QuantizedTensor, torch.dtype]]:
     """Statistics pass over the block's inputs, then one solve per tensor; returns what was attached."""
     modules = dict(model.named_modules())
     watched = [(t.key, modules[t.module_name], t.param, t.kind) for t, _ in pairs]
@@ -182,14 +177,10 @@ def _quantize_block(model: nn.Module, block: nn.Module, calls: list, hidden: Gen
             if last_use.get(id(seen.layers[target.key])) == target.key:
                 seen.layers[target.key].__dict__.clear()  # its statistics are no longer needed
         else:
-            check_weight(matrix_view(w.detach(), target.layout), spec, *matrix_view(w, target.layout).shape,
-                         target.key)
-            from lowbit.quantizer import quantize_weight
-
-            qt = quantize_weight(w, spec, target.layout, target.key)
+            qt = quantize_weight(w, spec, target.layout, target.key)  # checks the weight too
             report.fallbacks.append(f"{target.key}: no calibration inputs ({target.kind}), rounded to nearest")
         attach(module, target.param, qt, w.dtype)
-        entries.append((target, qt))
+        entries.append((target, qt, w.dtype))
     return entries
 
 
@@ -242,22 +233,17 @@ def _propagate(block: nn.Module, calls: list, hidden: Generation, out: Generatio
     return out.finish()
 
 
-def _block_payload(model: nn.Module, entries: list, report: RunReport) -> tuple[dict, dict]:
+def _block_payload(entries: list, report: RunReport) -> tuple[dict, dict]:
     tensors, meta = {}, {}
-    for target, qt in entries:
+    for target, qt, dtype in entries:
         key = f"{target.module_name}.{target.param}"  # as io.save names it
         for role, t in qt.to_tensors().items():
             tensors[f"{key}.{role}"] = t
-        meta[key] = {**qt.meta(), "dtype": str(getattr(_owner(model, target), target.param).dtype)
-                     .removeprefix("torch.")}
-    keys = {t.key for t, _ in entries}
+        meta[key] = {**qt.meta(), "dtype": str(dtype).removeprefix("torch.")}
+    keys = {t.key for t, _, _ in entries}
     layers = [r for r in report.layers if r["key"].split("[")[0] in keys]
     fallbacks = [f for f in report.fallbacks if f.split(":")[0] in keys]
     return tensors, {"tensors": meta, "layers": layers, "fallbacks": fallbacks}
-
-
-def _owner(model: nn.Module, target: Target) -> nn.Module:
-    return dict(model.named_modules())[target.module_name]
 
 
 def _restore_block(model: nn.Module, run: RunDir, i: int, report: RunReport, streaming: Streaming | None) -> None:

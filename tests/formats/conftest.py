@@ -8,12 +8,8 @@ runs single-threaded and restores the previous thread count afterwards.
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _single_thread(single_thread):
+    """Every test here runs on one thread (see ``single_thread`` in tests/conftest.py)."""

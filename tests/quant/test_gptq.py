@@ -20,12 +20,8 @@ NAMES = list(FORMATS)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: ATen's thread fan-out costs more than it saves (see tests/formats/conftest.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _single_thread(single_thread):
+    """Every test here runs on one thread (see ``single_thread`` in tests/conftest.py)."""
 
 
 def randn(*shape: int, seed: int) -> torch.Tensor:

@@ -12,28 +12,15 @@ import bisect
 import functools
 from pathlib import Path
 
-from lowbit.errors import LowbitError
 
 SHARED_RUN = 64  # characters; about 16 tokens of a typical BPE
 
 
 def read_text(path: str | Path) -> str:
-    """The contents of a UTF-8 text file (``.txt``, ``.md`` or any other name).
+    """The contents of a UTF-8 text file (``.txt``, ``.md`` or any other name); errors as ``read_utf8``."""
+    from lowbit.eval.corpus import read_utf8
 
-    Raises ``LowbitError`` naming the path when it is missing, not a file, not UTF-8 or blank.
-    """
-    p = Path(path)
-    if not p.is_file():
-        what = "is not a regular file" if p.exists() else "does not exist"
-        raise LowbitError(f"calibration file {str(p)!r} {what}; pass the path of a UTF-8 text file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise LowbitError(f"calibration file {str(p)!r} is not UTF-8 text (undecodable byte at offset "
-                          f"{e.start}); convert it, e.g. `iconv -t UTF-8 {p} > calib.txt`") from e
-    if not text.strip():
-        raise LowbitError(f"calibration file {str(p)!r} is empty; pass a file with text in it")
-    return text
+    return read_utf8(path, "calibration")
 
 
 @functools.lru_cache(maxsize=1)

@@ -45,27 +45,31 @@ def split_pydoc() -> tuple[str, str]:
     return DOC_SEPARATOR.join(docs[0::2]), DOC_SEPARATOR.join(docs[1::2])
 
 
-def load_text(path: str | Path) -> str:
-    """Read a user corpus: a UTF-8 text file.
+def read_utf8(path: str | Path, label: str, alternative: str = "") -> str:
+    """The contents of a UTF-8 text file; ``label`` ("corpus", "calibration") names it in errors.
 
     Raises ``LowbitError`` naming the path when it is missing, not a regular file, not UTF-8
-    or empty.
+    or empty; ``alternative`` is appended to the advice for a missing file.
     """
     p = Path(path)
     if not p.exists():
-        raise LowbitError(f"corpus file {str(p)!r} does not exist; pass the path of a UTF-8 text "
-                          "file, or leave --corpus out to use the built-in pydoc evaluation text")
+        raise LowbitError(f"{label} file {str(p)!r} does not exist; pass the path of a UTF-8 text file{alternative}")
     if not p.is_file():
-        raise LowbitError(f"corpus path {str(p)!r} is not a regular file; pass the path of a "
+        raise LowbitError(f"{label} path {str(p)!r} is not a regular file; pass the path of a "
                           "UTF-8 text file (a directory of files is not supported)")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise LowbitError(f"corpus file {str(p)!r} is not UTF-8 text (undecodable byte at offset "
-                          f"{e.start}); convert it, e.g. `iconv -t UTF-8 {p} > corpus.txt`") from e
+        raise LowbitError(f"{label} file {str(p)!r} is not UTF-8 text (undecodable byte at offset "
+                          f"{e.start}); convert it, e.g. `iconv -t UTF-8 {p} > {label}.txt`") from e
     if not text.strip():
-        raise LowbitError(f"corpus file {str(p)!r} is empty; pass a file with text in it")
+        raise LowbitError(f"{label} file {str(p)!r} is empty; pass a file with text in it")
     return text
+
+
+def load_text(path: str | Path) -> str:
+    """Read a user evaluation corpus: a UTF-8 text file (errors as ``read_utf8``)."""
+    return read_utf8(path, "corpus", ", or leave --corpus out to use the built-in pydoc evaluation text")
 
 
 def eval_text(corpus: str | Path | None) -> str:
