@@ -27,28 +27,45 @@ from common import reference_logprobs, score, write_section  # noqa: E402
 from corpora import prose_split  # noqa: E402
 from rss import measure  # noqa: E402
 
+from lowbit.algorithms.gptq import GPTQ  # noqa: E402
 from lowbit.eval import eval_text, token_windows  # noqa: E402
 from lowbit.hf.load import load_lowbit, load_model  # noqa: E402
 from lowbit.report import manifest_bits_per_weight  # noqa: E402
 
 OUT = HERE / "out" / "gptq"
+DEFAULT_DAMP = GPTQ().damp  # what `lowbit quantize --method gptq` uses without --damp
 MARK_BEGIN, MARK_END = "<!-- gptq:begin -->", "<!-- gptq:end -->"
 PROSE_NAME = ("the evaluation half of out-of-domain English prose (Alice in Wonderland and the Library of Congress "
               "1992 Workshop on Electronic Texts, from the Canterbury corpus in the PyPI sdist brotli==1.2.1; "
               "bench/corpora.py)")
 SCHEMES = ["w4g64-asym", "w4g128-asym", "w3g128-asym", "w4g128", "w4g64", "w3g128", "fp4", "nvfp4"]
 #: (cell name, scheme, method, extra CLI arguments); GPTQ cells take --samples/--seq-len from the command line
-CELLS = [(f"{s}/{m}", s, m, []) for s in SCHEMES for m in ("rtn", "gptq")] + [
+#: the matrix's GPTQ cells use lowbit's defaults (act-order, damp DEFAULT_DAMP), spelled out
+MATRIX_ARGS = ["--damp", f"{DEFAULT_DAMP:g}", "--act-order"]
+CELLS = [c for s in SCHEMES for c in ((f"{s}/rtn", s, "rtn", []), (f"{s}/gptq", s, "gptq", MATRIX_ARGS))] + [
     ("uint4_fz:g64:hqq/rtn (= HQQ)", "uint4_fz:g64:hqq", "rtn", []),
-    ("uint4_fz:g64:hqq/gptq", "uint4_fz:g64:hqq", "gptq", []),
     ("uint4_fz:g64:hqq/gptq-damp1", "uint4_fz:g64:hqq", "gptq", ["--damp", "1.0"]),
-    ("uint4_fz:g64:hqq/gptq-self", "uint4_fz:g64:hqq", "gptq", ["--calib", "self"]),
-    ("uint4_fz:g64:hqq/gptq-mix", "uint4_fz:g64:hqq", "gptq", ["--calib", "pydoc:0.5,self:0.5"]),
+    ("uint4_fz:g64:hqq/gptq-damp1-mix", "uint4_fz:g64:hqq", "gptq", ["--damp", "1.0", "--calib", "pydoc:0.5,self:0.5"]),
+    ("uint4_fz:g64:hqq/gptq-damp1-self", "uint4_fz:g64:hqq", "gptq", ["--damp", "1.0", "--calib", "self"]),
+    ("uint4_fz:g64:hqq/gptq-damp1-static", "uint4_fz:g64:hqq", "gptq", ["--damp", "1.0", "--static-groups"]),
+    ("uint4_fz:g64:hqq/gptq-damp1-actorder", "uint4_fz:g64:hqq", "gptq", ["--damp", "1.0", "--act-order"]),
+    ("uint4_fz:g64:hqq/gptq-damp10", "uint4_fz:g64:hqq", "gptq", ["--damp", "10"]),
+    ("uint4_fz:g64:hqq/gptq-damp0.1-actorder", "uint4_fz:g64:hqq", "gptq", ["--damp", "0.1", "--act-order"]),
+    ("uint4_fz:g64:hqq/gptq-damp10-actorder", "uint4_fz:g64:hqq", "gptq", ["--damp", "10", "--act-order"]),
+    ("uint4_fz:g64:hqq/gptq-damp1-prose", "uint4_fz:g64:hqq", "gptq",
+     ["--damp", "1.0", "--calib", str(OUT.parent / "prose-calibration-half.txt")]),
+    ("uint4_fz:g64:hqq/gptq-damp1-128", "uint4_fz:g64:hqq", "gptq", ["--damp", "1.0", "--samples", "128"]),
+    ("uint3_fz:g64:hqq/rtn", "uint3_fz:g64:hqq", "rtn", []),
+    ("uint3_fz:g64:hqq/gptq-damp1", "uint3_fz:g64:hqq", "gptq", ["--damp", "1.0"]),
+    ("w4g64-asym/gptq-damp0.01", "w4g64-asym", "gptq", ["--damp", "0.01"]),
     ("w4g64-asym/gptq-damp0.1", "w4g64-asym", "gptq", ["--damp", "0.1"]),
     ("w4g64-asym/gptq-damp1", "w4g64-asym", "gptq", ["--damp", "1.0"]),
-    ("w3g128-asym/gptq-self", "w3g128-asym", "gptq", ["--calib", "self"]),
-    ("w4g64-asym/gptq-actorder", "w4g64-asym", "gptq", ["--act-order"]),
+    ("w4g64-asym/gptq-damp10", "w4g64-asym", "gptq", ["--damp", "10"]),
+    ("hqq 0.2.8 4-bit g64 (peer)", "hqq:4:g64", "peer:hqq", ["--nbits", "4", "--group", "64"]),
+    ("hqq 0.2.8 3-bit g64 (peer)", "hqq:3:g64", "peer:hqq", ["--nbits", "3", "--group", "64"]),
 ]
+#: peer tools' quantizers: script and the virtual environment bench/peers/setup.sh makes for it
+PEERS = {"hqq": (HERE / "peers" / "hqq_quant.py", HERE / ".venvs" / "hqq" / "bin" / "python")}
 
 
 def main() -> None:
@@ -84,19 +101,49 @@ def main() -> None:
 def run_cell(cell: tuple, corpora: dict, refs: dict, args) -> dict:
     name, scheme, method, extra = cell
     folder = OUT / "models" / _path(name, args).stem
+    if method.startswith("peer:"):
+        return run_peer(cell, folder, corpora, refs)
     report = folder.with_suffix(".report.json")
     cmd = ["lowbit", "quantize", "smollm2-135m", "--scheme", scheme, "--method", method, "--out", str(folder),
            "--overwrite", "--report", str(report)]
+    samples = int(extra[extra.index("--samples") + 1]) if "--samples" in extra else args.samples
     if method == "gptq":
-        cmd += ["--samples", str(args.samples), "--seq-len", str(args.seq_len), *extra]
+        cmd += ["--seq-len", str(args.seq_len), *extra]
+        if "--samples" not in extra:
+            cmd += ["--samples", str(samples)]
     m = measure(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if m["returncode"] != 0:
         raise SystemExit(f"{name} failed:\n{m['stderr_tail']}")
     numbers = json.loads(report.read_text())
     model = load_lowbit(folder).model
-    result = {"cell": name, "scheme": scheme, "method": method, "args": extra, "samples": args.samples,
+    result = {"cell": name, "scheme": scheme, "method": method, "args": extra, "samples": samples,
               "quantize_seconds": numbers["quantize_seconds"], "wall_seconds": m["seconds"],
               "peak_rss_mb": m["peak_rss_mb"], "bpw": manifest_bits_per_weight(folder),
+              **{k: score(model, w, refs[k]) for k, w in corpora.items()}}
+    shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
+def run_peer(cell: tuple, folder: Path, corpora: dict, refs: dict) -> dict:
+    """A peer tool quantizes in its own venv and saves its dequantized weights; scored here like lowbit."""
+    name, scheme, method, extra = cell
+    script, python = PEERS[method.split(":", 1)[1]]
+    if not python.exists():
+        raise SystemExit(f"{name}: no venv at {python.parent.parent}; run bench/peers/setup.sh {method[5:]}")
+    m = measure([str(python), str(script), "--out", str(folder), *extra], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if m["returncode"] != 0:
+        raise SystemExit(f"{name} failed:\n{m['stderr_tail']}")
+    numbers = json.loads((folder / "result.json").read_text())
+    from safetensors.torch import load_file
+
+    model = load_model("smollm2-135m").model
+    state = load_file(folder / "model.safetensors")
+    _, unexpected = model.load_state_dict(state, strict=False)  # the quantized layers only
+    if unexpected or not state:
+        raise SystemExit(f"{name}: the peer's weights do not match the model (unexpected: {unexpected[:3]})")
+    result = {"cell": name, "scheme": scheme, "method": method, "args": extra, "samples": 0,
+              "quantize_seconds": numbers["quantize_seconds"], "wall_seconds": m["seconds"],
+              "peak_rss_mb": m["peak_rss_mb"], "bpw": numbers["bpw"], "peer": numbers,
               **{k: score(model, w, refs[k]) for k, w in corpora.items()}}
     shutil.rmtree(folder, ignore_errors=True)
     return result
@@ -111,6 +158,19 @@ def _write(path: Path, result: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1, sort_keys=True))
     os.replace(tmp, path)
+
+
+def _calibration(r: dict, args) -> str:
+    """How a GPTQ cell calibrated: source, windows and dampening; a dash for data-free cells."""
+    if r["method"] != "gptq":
+        return "—"
+    a = r["args"]
+    opts = {k: a[i + 1] for i, k in enumerate(a[:-1]) if k in ("--damp", "--calib")}
+    damp = opts.get("--damp", f"{DEFAULT_DAMP:g}")
+    order = ", act-order" if "--act-order" in a else ", static groups" if "--static-groups" in a else ""
+    calib = opts.get("--calib", "pydoc")
+    calib = Path(calib).name if "/" in calib else calib
+    return f"{calib} {r['samples']}×{args.seq_len}, damp {damp}{order}"
 
 
 def write_markdown(cells: list, args) -> None:
@@ -129,12 +189,13 @@ def write_markdown(cells: list, args) -> None:
         "peak RSS is the whole `lowbit quantize` process. "
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}.",
         "",
-        "| cell | bits/weight | pydoc ppl | × fp32 | pydoc KL | prose ppl | × fp32 | prose KL | quantize s | peak RSS |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| cell | calibration | bits/weight | pydoc ppl | × fp32 | pydoc KL | prose ppl | × fp32 | prose KL "
+        "| quantize s | peak RSS |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['cell']} | {r['bpw']:.3f} | {r['pydoc']['ppl']:.3f} | {r['pydoc']['ppl'] / base['pydoc']['ppl']:.3f}"
+            f"| {r['cell']} | {_calibration(r, args)} | {r['bpw']:.3f} | {r['pydoc']['ppl']:.3f} | {r['pydoc']['ppl'] / base['pydoc']['ppl']:.3f}"
             f" | {r['pydoc']['kl']:.4f} | {r['prose']['ppl']:.3f} | {r['prose']['ppl'] / base['prose']['ppl']:.3f}"
             f" | {r['prose']['kl']:.4f} | {r['quantize_seconds']:.1f} | {r['peak_rss_mb']:.0f} MiB |")
     lines += ["", MARK_END]

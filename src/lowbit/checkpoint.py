@@ -2,7 +2,8 @@
 
 Layout of ``<out>.partial/``::
 
-    state.json              fingerprint of the run's inputs, number of finished blocks
+    state.json              fingerprint of the run's inputs, number of finished blocks, and the
+                            batch size it started with (a resume keeps it: ``started_batch``)
     block-0007.safetensors  the quantized tensors of block 7 (QuantizedTensor parts)
     block-0007.json         their metadata and the block's solver report
     acts-0007/              hidden states after block 7, one file per batch (activations.py)
@@ -44,9 +45,10 @@ def fingerprint(*parts: Any) -> str:
 class RunDir:
     """A run's checkpoint folder. ``done`` is the number of finished blocks."""
 
-    def __init__(self, path: Path, fingerprint: str, resume: bool) -> None:
+    def __init__(self, path: Path, fingerprint: str, resume: bool, batch: int | None = None) -> None:
         self.path = Path(path)
         self.fingerprint = fingerprint
+        self.batch = batch
         self.done = 0
         if self.path.exists() and not resume:
             raise LowbitError(f"{self.path} holds an unfinished run; pass --resume to continue it, "
@@ -57,6 +59,7 @@ class RunDir:
                 raise LowbitError(f"{self.path} was started with a different model, plan, method or calibration "
                                   "data; resume with the same arguments, or delete that folder to start over")
             self.done = int(state["done"])
+            self.batch = state.get("batch", batch)
         else:
             shutil.rmtree(self.path, ignore_errors=True)
             self.path.mkdir(parents=True)
@@ -85,8 +88,17 @@ class RunDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
     def _write_state(self) -> None:
-        state = {"fingerprint": self.fingerprint, "done": self.done}
+        state = {"fingerprint": self.fingerprint, "done": self.done, "batch": self.batch}
         _atomic(self.path / STATE, lambda p: p.write_text(json.dumps(state, sort_keys=True)))
+
+
+def started_batch(path: Path) -> int | None:
+    """The batch size (windows per batch) of the unfinished run in ``path``; None if there is none."""
+    state = Path(path) / STATE
+    if not state.is_file():
+        return None
+    batch = _read_json(state).get("batch")
+    return int(batch) if batch else None
 
 
 def read_block(folder: Path, block: int) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -63,8 +63,12 @@ def quantize(
     samples: int = typer.Option(128, "--samples", help="gptq: calibration windows."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration and --eval window."),
     seed: int = typer.Option(0, "--seed", help="gptq: seed of the calibration windows."),
-    damp: float = typer.Option(0.01, "--damp", help="gptq: dampening, a fraction of mean(diag H)."),
-    act_order: bool = typer.Option(False, "--act-order", help="gptq: columns by descending Hessian diagonal."),
+    damp: Optional[float] = typer.Option(None, "--damp", help="gptq: dampening, a fraction of mean(diag H) "
+                                         "(default: lowbit.algorithms.gptq.GPTQ's, chosen by measurement)."),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="gptq: visit columns by "
+                                             "descending Hessian diagonal (default: on, chosen by measurement)."),
+    static_groups: bool = typer.Option(False, "--static-groups", help="gptq: choose every group's scale "
+                                       "from the original weights (always on with --act-order)."),
     batch_size: int = typer.Option(8, "--batch-size", help="gptq: calibration windows per forward."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="gptq: refuse a run whose forecast "
                                              "peak memory exceeds this, e.g. 4GB."),
@@ -82,7 +86,7 @@ def quantize(
     run_quantize(console, QuantizeArgs(
         model=model, scheme=scheme, out=out, method=method, group_size=group_size, scale_search=scale_search,
         calib=calib, samples=samples, seq_len=seq_len, seed=seed, damp=damp, act_order=act_order,
-        batch_size=batch_size, max_memory=max_memory, resume=resume, overwrite=overwrite,
+        static_groups=static_groups, batch_size=batch_size, max_memory=max_memory, resume=resume, overwrite=overwrite,
         allow_pickle=allow_pickle, evaluate=evaluate, corpus=corpus, windows=windows, report=report))
 
 

@@ -27,8 +27,9 @@ class QuantizeArgs:
     samples: int = 128
     seq_len: int = 512
     seed: int = 0
-    damp: float = 0.01
-    act_order: bool = False
+    damp: Optional[float] = None  # None: GPTQ's default
+    act_order: Optional[bool] = None
+    static_groups: bool = False
     batch_size: int = 8
     max_memory: Optional[str] = None
     resume: bool = False
@@ -100,14 +101,17 @@ def _data_free(a: QuantizeArgs, spec: Any) -> tuple[dict, Any, Any, str]:
 
 
 def _calibrated(console: Console, a: QuantizeArgs, spec: Any) -> tuple[dict, Any, Any, str]:
+    from lowbit.algorithms.gptq import GPTQ
     from lowbit.pipeline import CalibratedRun, report_rows, run_calibrated
     from lowbit.report import folder_bytes, manifest_bits_per_weight
 
-    options = {"damp": a.damp, "act_order": a.act_order}
+    given = {"damp": a.damp, "act_order": a.act_order, "static_groups": True if a.static_groups else None}
+    cfg = GPTQ(**{k: v for k, v in given.items() if v is not None})  # the rest: GPTQ's defaults
+    options = {"damp": cfg.damp, "act_order": cfg.act_order, "static_groups": cfg.static_groups}
     args = CalibratedRun(a.model, spec, a.out, a.method, options, a.calib, a.samples, a.seq_len, a.seed,
                          a.batch_size, a.resume, a.max_memory, a.overwrite, a.allow_pickle)
     result = run_calibrated(args, say=console.print)
-    rows = report_rows(result["report"], a.damp)
+    rows = report_rows(result["report"], cfg.damp)
     table = Table("run", "", title=f"{a.method}: {result['windows'][0]} windows × {result['windows'][1]} tokens "
                   f"of {a.calib}")
     for k, v in rows:

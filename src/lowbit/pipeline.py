@@ -17,7 +17,7 @@ from torch import nn
 
 import lowbit
 from lowbit.capture import find_blocks
-from lowbit.checkpoint import RunDir, fingerprint
+from lowbit.checkpoint import RunDir, fingerprint, started_batch
 from lowbit.errors import LowbitError
 from lowbit.forecast import Shape, fit, measure_flops, parse_bytes, rss_bytes
 from lowbit.plan import default_plan, resolve_targets
@@ -69,11 +69,15 @@ def run_calibrated(args: CalibratedRun, say=print) -> dict[str, Any]:
     shape = _shape(model, plan, streamed, args, windows)
     forecast, act_budget, batch = fit(shape, max_bytes, args.act_budget, measure_flops(), streamed is not None)
     say(forecast.describe())
+    workdir = args.out.with_name(args.out.name + ".partial")
+    started = started_batch(workdir) if args.resume else None
+    if started is not None and started != batch:  # memory use moved since the run began
+        say(f"resuming with the batch of {started} windows this run started with (the forecast now picks {batch})")
+        batch = started
     batches = list(windows.split(batch))
     # the batching is part of the run: a resume that split the windows differently would not match
     run_id = fingerprint(identity, args.spec.to_dict(), args.method, sorted(args.options.items()), windows,
                          batch, lowbit.__version__)
-    workdir = args.out.with_name(args.out.name + ".partial")
     stream = Streaming(streamed.load, streamed.release) if streamed else None
     report = calibrate(model, plan, algorithm, batches, workdir=workdir, resume=args.resume, fingerprint=run_id,
                        streaming=stream, act_budget=act_budget, progress=args.progress)

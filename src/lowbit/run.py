@@ -78,7 +78,8 @@ def calibrate(model: nn.Module, plan: list[Rule], algorithm: Any, batches: list[
     per_block = _split(pairs, prefix if found else None, len(blocks))
     outside = per_block.pop(-1)
     check_uniform_layers(model)
-    run = RunDir(workdir, fingerprint, resume) if workdir is not None else None
+    run = RunDir(workdir, fingerprint, resume, batch=len(batches[0]) if batches else None) \
+        if workdir is not None else None
     start = run.done if run else 0
     report.resumed_from, report.blocks = start, len(blocks)
     _round_outside(model, outside, report)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lowbit.algorithms._hessian import FIRST_RETRY_DAMP, HessianStats, inverse_cholesky
-from lowbit.algorithms.gptq import GPTQ, gptq
+from lowbit.algorithms.gptq import DEFAULT_DAMP, GPTQ, gptq
 from lowbit.errors import LowbitError
 from lowbit.formats import all_formats, get_format
 from lowbit.quantizer import choose_qparams, pack_matrix, quantize_matrix
@@ -268,11 +268,23 @@ def test_config_is_validated(kwargs):
 
 
 def test_config_static_groups_default_follows_act_order():
-    assert not GPTQ().static and GPTQ(act_order=True).static and GPTQ(static_groups=True).static
+    assert GPTQ().static and not GPTQ(act_order=False).static
+    assert GPTQ(act_order=False, static_groups=True).static
     W, H = randn(4, 32, seed=15), correlated_hessian(32, seed=16)
     spec = QuantSpec(get_format("uint4"), PerGroup(16))
-    a, b = GPTQ(act_order=True).solve(W, H, spec), gptq(W, H, spec, act_order=True)
+    a, b = GPTQ().solve(W, H, spec), gptq(W, H, spec, damp=GPTQ().damp, act_order=True)
     assert torch.equal(a.codes, b.codes) and a.loss == b.loss
+    c, d = GPTQ(act_order=False).solve(W, H, spec), gptq(W, H, spec, damp=GPTQ().damp)
+    assert torch.equal(c.codes, d.codes) and c.loss == d.loss
+
+
+def test_defaults_are_the_measured_ones_and_the_cli_uses_them():
+    """The CLI leaves damp and act-order to GPTQ, whose defaults BENCHMARKS.md measured."""
+    from lowbit.cli_quantize import QuantizeArgs
+
+    assert GPTQ().act_order and GPTQ().damp == DEFAULT_DAMP
+    a = QuantizeArgs(model="m", scheme="w4g64", out=None)
+    assert a.damp is None and a.act_order is None  # resolved through GPTQ() in cli_quantize
 
 
 def test_shapes_are_checked():

@@ -84,9 +84,11 @@ def test_kill_9_then_resume_gives_identical_bytes(run, tiny_llama_dir, tmp_path)
     assert json.loads((partial / "state.json").read_text())["done"] == 1 and not out.exists()
     again = run("quantize", str(tiny_llama_dir), "--out", str(out), *GPTQ)
     assert again.returncode == 2 and "--resume" in again.stderr  # never silently starts over
-    resumed = run("quantize", str(tiny_llama_dir), "--out", str(out), *GPTQ, "--resume")
+    # a resume keeps the batch the run started with, whatever batch it would pick now
+    resumed = run("quantize", str(tiny_llama_dir), "--out", str(out), *GPTQ, "--batch-size", "4", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed at block" in resumed.stdout
+    assert "batch of 2 windows this run started with" in resumed.stdout
     assert files(out) == files(ref)
     assert not partial.exists()
 

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create a peer tool's own virtual environment under bench/.venvs/<tool>.
+#
+#     bench/peers/setup.sh hqq
+#
+# The venv sees the system site-packages, so it reuses the torch (the local CPU wheel),
+# transformers and lowbit already installed there; nothing here can pull a CUDA torch.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+tool=${1:?usage: bench/peers/setup.sh TOOL  (hqq)}
+venv=bench/.venvs/$tool
+python3 -m venv --system-site-packages "$venv"
+pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+case "$tool" in
+  # hqq's setup.py builds CUDA kernels unless DISABLE_CUDA=1; its listed dependencies other
+  # than einops and termcolor are already installed with lowbit, so none is upgraded.
+  hqq) DISABLE_CUDA=1 "${pip[@]}" --no-deps "hqq==0.2.8.post1" einops termcolor ;;
+  *) echo "setup.sh: unknown peer '$tool' (known: hqq)" >&2; exit 2 ;;
+esac
+"$venv/bin/python" -c "import torch; assert not torch.version.cuda or torch.cuda.is_available(), 'CUDA torch on a CPU machine'"
+echo "setup.sh: $tool ready in $venv"
