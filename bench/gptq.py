@@ -7,6 +7,10 @@ Every cell quantizes with the real CLI in a child process (``lowbit quantize``),
 fp32 log-probabilities on both corpora: perplexity and KL(P_fp32 ‖ P_quantized). Cells are kept
 in ``bench/out/gptq/*.json``; a finished cell is not recomputed unless --fresh is given, so a
 killed run resumes. Writes the section of BENCHMARKS.md between the gptq markers.
+
+Peer cells (``(peer)``) run the peer's quantizer in its own virtual environment
+(``bench/peers/setup.sh hqq`` first) and load its dequantized weights into the fp32 model, so
+they are scored by the same code on the same windows.
 """
 from __future__ import annotations
 
@@ -81,6 +85,9 @@ def main() -> None:
         write_markdown(CELLS, args)
         return
     (OUT / "models").mkdir(parents=True, exist_ok=True)
+    prose_calib = OUT.parent / "prose-calibration-half.txt"  # the `-prose` cell calibrates on it
+    if not prose_calib.exists():
+        prose_calib.write_text(prose_split()[0], encoding="utf-8")
     cells = [c for c in CELLS if not args.only or c[0] in args.only.split(",")]
     todo = [c for c in cells if args.fresh or not _path(c[0], args).exists()]
     if todo or args.fresh or not _path("fp32", args).exists():

@@ -50,7 +50,7 @@ def test_streamed_run_equals_in_memory_run(run, tiny_llama_dir, tmp_path):
     loaded = load_model(tiny_llama_dir)
     windows = calibration_windows(loaded.tokenizer, "pydoc", 4, 32, seed=0, progress=False)
     plan = default_plan(loaded.model, parse_scheme("uint4:g32"))
-    calibrate(loaded.model, plan, calibrated("gptq", damp=0.01), list(windows.split(2)), progress=False)
+    calibrate(loaded.model, plan, calibrated("gptq"), list(windows.split(2)), progress=False)  # CLI defaults
     save(loaded.model, tmp_path / "memory", tokenizer=loaded.tokenizer)
     streamed, memory = read_weights(out), read_weights(tmp_path / "memory")
     assert streamed.keys() == memory.keys()
