@@ -31,13 +31,12 @@ from common import reference_logprobs, score, write_section  # noqa: E402
 from corpora import prose_split  # noqa: E402
 from rss import measure  # noqa: E402
 
-from lowbit.algorithms.gptq import GPTQ  # noqa: E402
+from lowbit.algorithms.gptq import DEFAULT_DAMP  # noqa: E402
 from lowbit.eval import eval_text, token_windows  # noqa: E402
 from lowbit.hf.load import load_lowbit, load_model  # noqa: E402
 from lowbit.report import manifest_bits_per_weight  # noqa: E402
 
 OUT = HERE / "out" / "gptq"
-DEFAULT_DAMP = GPTQ().damp  # what `lowbit quantize --method gptq` uses without --damp
 MARK_BEGIN, MARK_END = "<!-- gptq:begin -->", "<!-- gptq:end -->"
 PROSE_NAME = ("the evaluation half of out-of-domain English prose (Alice in Wonderland and the Library of Congress "
               "1992 Workshop on Electronic Texts, from the Canterbury corpus in the PyPI sdist brotli==1.2.1; "

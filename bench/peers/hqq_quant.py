@@ -15,6 +15,7 @@ HQQ's own format stores: ``nbits`` plus an fp16 scale and zero per group.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import time
@@ -61,9 +62,7 @@ def main() -> None:
     tmp = args.out / "model.safetensors.tmp"
     save_file(state, str(tmp))
     os.replace(tmp, args.out / "model.safetensors")
-    import hqq
-
-    result = {"tool": "hqq", "version": getattr(hqq, "__version__", "0.2.8.post1"), "nbits": args.nbits,
+    result = {"tool": "hqq", "version": importlib.metadata.version("hqq"), "nbits": args.nbits,
               "group_size": args.group, "quantize_seconds": seconds, "layers": len(quantized),
               "bpw": args.nbits + 2 * 16 / args.group, "quantized_params": params}
     (args.out / "result.json").write_text(json.dumps(result, indent=1))

@@ -11,15 +11,15 @@ This follows the reference's default solver (``optimize_weights_proximal_legacy`
 defaults ``lp_norm`` 0.7, β 10, 20 iterations) step for step:
 
 * the start is the min-max scale with the zero rounded so that 0 lies on the grid
-  (``m = −s·round(−min/s)``; the reference's ``round_zero``, which its ``BaseQuantizeConfig``
-  turns on at 4 bits). Measured on SmolLM2 (g64): with the unrounded start, 4-bit perplexity
-  is 2–7% worse; see ``round_zero``;
+  (``m = −s·round(−min/s)``; the reference's ``round_zero``). The reference's
+  ``BaseQuantizeConfig`` turns it on at 4 bits only; lowbit rounds at every width (``round_zero``),
+  which at 3 bits g64 on SmolLM2 gives perplexity 47.4 where the ``hqq`` package gives 127.9
+  (``bench/gptq.py``, BENCHMARKS.md);
 * β stays fixed (the paper's β ← κ·β is in the reference's experimental solver only);
 * the loop stops at the first step whose mean absolute error, over all the ``blocks`` given,
   is not lower than the best so far, and returns the zero that step computed (the reference
   breaks after its update). That last update re-fits each block's zero to its codes, which
-  leaves the blocks nearly unbiased (mean error ~0); keeping the lowest-error zero instead
-  leaves a bias that costs several percent of perplexity (measured).
+  leaves the blocks nearly unbiased (mean error ~0; tested).
 
 The zero is written in weight units ``x̂ = s·q + m``; the reference's ``x̂ = (q − z)/s'`` is the
 same with ``s = 1/s'`` and ``m = −s·z``.
