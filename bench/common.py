@@ -30,12 +30,15 @@ def score(model, windows: torch.Tensor, ref: list[torch.Tensor]) -> dict:
     t0 = time.perf_counter()
     nll = kl = 0.0
     n = 0
+    window_nll = []  # per window: a paired comparison of two models on the same windows needs them
     for w, ref_logp in zip(windows, ref):
         logp = next_token_logprobs(model, w[None])
-        nll += float(token_nll(logp, w[None]).double().sum())
+        window_nll.append(float(token_nll(logp, w[None]).double().sum()))
+        nll += window_nll[-1]
         kl += float(token_kl(logp, ref_logp).double().sum())
         n += logp.shape[1]
-    return {"ppl": math.exp(nll / n), "kl": kl / n, "tokens": n, "eval_seconds": time.perf_counter() - t0}
+    return {"ppl": math.exp(nll / n), "kl": kl / n, "tokens": n, "eval_seconds": time.perf_counter() - t0,
+            "window_nll": window_nll}
 
 
 def write_section(path: Path, begin: str, end: str, lines: list[str]) -> None:
@@ -49,3 +52,29 @@ def write_section(path: Path, begin: str, end: str, lines: list[str]) -> None:
     head, _, rest = text.partition(begin)
     _, _, tail = rest.partition(end)
     path.write_text(head + "\n".join(lines) + tail)
+
+
+def hf_folder(source: str, dest: Path) -> Path:
+    """An fp32 Hugging Face folder (config, safetensors, tokenizer) of ``source`` at ``dest``.
+
+    Peer tools that only load model folders (llm-compressor) all read this one copy. GGUF
+    models are saved dequantized, exactly the weights lowbit loads. Written to a temporary
+    folder and renamed into place; an existing ``dest`` is reused.
+    """
+    import shutil
+
+    from lowbit.hf.load import load_model
+
+    if (dest / "config.json").exists():
+        return dest
+    loaded = load_model(source)
+    model = loaded.model
+    model.hf_quantizer = None  # transformers marks GGUF-loaded models as quantized; the weights are fp32
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    loaded.tokenizer.save_pretrained(tmp)
+    tmp.rename(dest)
+    return dest

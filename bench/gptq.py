@@ -9,12 +9,16 @@ in ``bench/out/gptq/*.json``; a finished cell is not recomputed unless --fresh i
 killed run resumes. Writes the section of BENCHMARKS.md between the gptq markers.
 
 Peer cells (``(peer)``) run the peer's quantizer in its own virtual environment
-(``bench/peers/setup.sh hqq`` first) and load its dequantized weights into the fp32 model, so
-they are scored by the same code on the same windows.
+(``bench/peers/setup.sh hqq`` and ``bench/peers/setup.sh llmcompressor`` first) on one fp32
+model folder (``bench/out/smollm2-135m-hf``), and load its dequantized weights into the fp32
+model, so they are scored by the same code on the same windows. llm-compressor's GPTQ
+calibrates on the windows lowbit's GPTQ cells use (checked by hash). A peer that refuses a
+configuration is recorded with its error.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -27,11 +31,12 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import reference_logprobs, score, write_section  # noqa: E402
+from common import hf_folder, reference_logprobs, score, write_section  # noqa: E402
 from corpora import prose_split  # noqa: E402
 from rss import measure  # noqa: E402
 
 from lowbit.algorithms.gptq import DEFAULT_DAMP  # noqa: E402
+from lowbit.calib import calibration_windows  # noqa: E402
 from lowbit.eval import eval_text, token_windows  # noqa: E402
 from lowbit.hf.load import load_lowbit, load_model  # noqa: E402
 from lowbit.report import manifest_bits_per_weight  # noqa: E402
@@ -41,7 +46,7 @@ MARK_BEGIN, MARK_END = "<!-- gptq:begin -->", "<!-- gptq:end -->"
 PROSE_NAME = ("the evaluation half of out-of-domain English prose (Alice in Wonderland and the Library of Congress "
               "1992 Workshop on Electronic Texts, from the Canterbury corpus in the PyPI sdist brotli==1.2.1; "
               "bench/corpora.py)")
-SCHEMES = ["w4g64-asym", "w4g128-asym", "w3g128-asym", "w4g128", "w4g64", "w3g128", "fp4", "nvfp4"]
+SCHEMES = ["w4g64-asym", "w4g128-asym", "w3g128-asym", "w4g128", "w4g64", "w3g128", "fp4", "nvfp4", "w3g64-asym"]
 #: (cell name, scheme, method, extra CLI arguments); GPTQ cells take --samples/--seq-len from the command line
 #: the matrix's GPTQ cells use lowbit's defaults (act-order, damp DEFAULT_DAMP), spelled out
 MATRIX_ARGS = ["--damp", f"{DEFAULT_DAMP:g}", "--act-order"]
@@ -66,9 +71,27 @@ CELLS = [c for s in SCHEMES for c in ((f"{s}/rtn", s, "rtn", []), (f"{s}/gptq", 
     ("w4g64-asym/gptq-damp10", "w4g64-asym", "gptq", ["--damp", "10"]),
     ("hqq 0.2.8 4-bit g64 (peer)", "hqq:4:g64", "peer:hqq", ["--nbits", "4", "--group", "64"]),
     ("hqq 0.2.8 3-bit g64 (peer)", "hqq:3:g64", "peer:hqq", ["--nbits", "3", "--group", "64"]),
+    ("llm-compressor GPTQ w4g64 (peer)", "int4:g64", "peer:llmcompressor", ["--method", "gptq", "--bits", "4", "--group", "64"]),
+    ("llm-compressor GPTQ w4g64-asym (peer)", "uint4:g64", "peer:llmcompressor",
+     ["--method", "gptq", "--bits", "4", "--group", "64", "--asym"]),
+    ("llm-compressor GPTQ w3g64-asym (peer)", "uint3:g64", "peer:llmcompressor",
+     ["--method", "gptq", "--bits", "3", "--group", "64", "--asym"]),
+    ("llm-compressor GPTQ w4g128 (peer)", "int4:g128", "peer:llmcompressor",
+     ["--method", "gptq", "--bits", "4", "--group", "128"]),
+    ("llm-compressor RTN w4g64 (peer)", "int4:g64", "peer:llmcompressor", ["--method", "rtn", "--bits", "4", "--group", "64"]),
+    ("llm-compressor RTN w4g64-asym (peer)", "uint4:g64", "peer:llmcompressor",
+     ["--method", "rtn", "--bits", "4", "--group", "64", "--asym"]),
+    # integer zero with the scale (and zero) chosen by least squared error inside GPTQ
+    ("uint4:g128:mse/rtn", "uint4:g128:mse", "rtn", []),
+    ("uint4:g128:mse/gptq", "uint4:g128:mse", "gptq", MATRIX_ARGS),
+    ("uint4:g64:mse/gptq", "uint4:g64:mse", "gptq", MATRIX_ARGS),
+    ("uint3:g128:mse/rtn", "uint3:g128:mse", "rtn", []),
+    ("uint3:g128:mse/gptq", "uint3:g128:mse", "gptq", MATRIX_ARGS),
 ]
 #: peer tools' quantizers: script and the virtual environment bench/peers/setup.sh makes for it
-PEERS = {"hqq": (HERE / "peers" / "hqq_quant.py", HERE / ".venvs" / "hqq" / "bin" / "python")}
+PEERS = {tool: (HERE / "peers" / f"{tool}_quant.py", HERE / ".venvs" / tool / "bin" / "python")
+         for tool in ("hqq", "llmcompressor")}
+MODEL_FOLDER = OUT.parent / "smollm2-135m-hf"  # the fp32 folder every peer reads
 
 
 def main() -> None:
@@ -108,10 +131,13 @@ def run_cell(cell: tuple, corpora: dict, refs: dict, args) -> dict:
     name, scheme, method, extra = cell
     folder = OUT / "models" / _path(name, args).stem
     if method.startswith("peer:"):
-        return run_peer(cell, folder, corpora, refs)
+        return run_peer(cell, folder, corpora, refs, args)
     report = folder.with_suffix(".report.json")
     cmd = ["lowbit", "quantize", "smollm2-135m", "--scheme", scheme, "--method", method, "--out", str(folder),
            "--overwrite", "--report", str(report)]
+    if folder.with_suffix(".partial").exists():  # a killed cell starts over: a resumed run's time would be partial
+        print(f"[bench] {name}: removing the unfinished run {folder.with_suffix('.partial')}", flush=True)
+        shutil.rmtree(folder.with_suffix(".partial"))
     samples = int(extra[extra.index("--samples") + 1]) if "--samples" in extra else args.samples
     if method == "gptq":
         cmd += ["--seq-len", str(args.seq_len), *extra]
@@ -130,16 +156,29 @@ def run_cell(cell: tuple, corpora: dict, refs: dict, args) -> dict:
     return result
 
 
-def run_peer(cell: tuple, folder: Path, corpora: dict, refs: dict) -> dict:
+def run_peer(cell: tuple, folder: Path, corpora: dict, refs: dict, args) -> dict:
     """A peer tool quantizes in its own venv and saves its dequantized weights; scored here like lowbit."""
     name, scheme, method, extra = cell
-    script, python = PEERS[method.split(":", 1)[1]]
+    tool = method.split(":", 1)[1]
+    script, python = PEERS[tool]
     if not python.exists():
-        raise SystemExit(f"{name}: no venv at {python.parent.parent}; run bench/peers/setup.sh {method[5:]}")
-    m = measure([str(python), str(script), "--out", str(folder), *extra], env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if m["returncode"] != 0:
-        raise SystemExit(f"{name} failed:\n{m['stderr_tail']}")
+        raise SystemExit(f"{name}: no venv at {python.parent.parent}; run bench/peers/setup.sh {tool}")
+    cmd = [str(python), str(script), "--model", str(hf_folder("smollm2-135m", MODEL_FOLDER)), "--out", str(folder), *extra]
+    calibrated = tool == "llmcompressor" and "gptq" in extra
+    if calibrated:
+        cmd += ["--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+    m = measure(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if m["returncode"] != 0:  # recorded, not left out: the table says the peer could not run it
+        reason = [ln for ln in m["stderr_tail"].splitlines() if "Error" in ln or "error" in ln] or ["(no message)"]
+        print(f"[bench] {name} failed: {reason[-1]}", flush=True)
+        return {"cell": name, "scheme": scheme, "method": method, "args": extra, "error": reason[-1][:300],
+                "stderr_tail": m["stderr_tail"][-3000:]}
     numbers = json.loads((folder / "result.json").read_text())
+    if calibrated:
+        tok = load_model("smollm2-135m").tokenizer  # the tokenizer `lowbit quantize smollm2-135m` uses
+        ids = calibration_windows(tok, "pydoc", args.samples, args.seq_len, progress=False)
+        if numbers["calibration_sha256"] != hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest():
+            raise SystemExit(f"{name}: the peer calibrated on other windows than lowbit's GPTQ cells")
     from safetensors.torch import load_file
 
     model = load_model("smollm2-135m").model
@@ -147,7 +186,8 @@ def run_peer(cell: tuple, folder: Path, corpora: dict, refs: dict) -> dict:
     _, unexpected = model.load_state_dict(state, strict=False)  # the quantized layers only
     if unexpected or not state:
         raise SystemExit(f"{name}: the peer's weights do not match the model (unexpected: {unexpected[:3]})")
-    result = {"cell": name, "scheme": scheme, "method": method, "args": extra, "samples": 0,
+    result = {"cell": name, "scheme": scheme, "method": method, "args": extra,
+              "samples": args.samples if calibrated else 0,
               "quantize_seconds": numbers["quantize_seconds"], "wall_seconds": m["seconds"],
               "peak_rss_mb": m["peak_rss_mb"], "bpw": numbers["bpw"], "peer": numbers,
               **{k: score(model, w, refs[k]) for k, w in corpora.items()}}
@@ -168,6 +208,8 @@ def _write(path: Path, result: dict) -> None:
 
 def _calibration(r: dict, args) -> str:
     """How a GPTQ cell calibrated: source, windows and dampening; a dash for data-free cells."""
+    if r["method"] == "peer:llmcompressor" and r["samples"]:
+        return f"pydoc {r['samples']}×{args.seq_len}, damp 0.01, static act-order (llm-compressor's defaults)"
     if r["method"] != "gptq":
         return "—"
     a = r["args"]
@@ -200,6 +242,9 @@ def write_markdown(cells: list, args) -> None:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['cell']} | refused: `{r['error']}` |" + " |" * 9)
+            continue
         lines.append(
             f"| {r['cell']} | {_calibration(r, args)} | {r['bpw']:.3f} | {r['pydoc']['ppl']:.3f} | {r['pydoc']['ppl'] / base['pydoc']['ppl']:.3f}"
             f" | {r['pydoc']['kl']:.4f} | {r['prose']['ppl']:.3f} | {r['prose']['ppl'] / base['prose']['ppl']:.3f}"

@@ -7,15 +7,21 @@
 # transformers and lowbit already installed there; nothing here can pull a CUDA torch.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-tool=${1:?usage: bench/peers/setup.sh TOOL  (hqq)}
+tool=${1:?usage: bench/peers/setup.sh TOOL  (hqq, llmcompressor)}
 venv=bench/.venvs/$tool
 python3 -m venv --system-site-packages "$venv"
-pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+# pin the torch the system has, so that no dependency can swap it for another build
+pins=$venv/torch-pin.txt
+echo "torch==$("$venv/bin/python" -c 'import torch; print(torch.__version__)')" > "$pins"
+pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c "$pins")
 case "$tool" in
   # hqq's setup.py builds CUDA kernels unless DISABLE_CUDA=1; its listed dependencies other
   # than einops and termcolor are already installed with lowbit, so none is upgraded.
   hqq) DISABLE_CUDA=1 "${pip[@]}" --no-deps "hqq==0.2.8.post1" einops termcolor ;;
-  *) echo "setup.sh: unknown peer '$tool' (known: hqq)" >&2; exit 2 ;;
+  # llm-compressor pins its own transformers range, installed inside the venv (it shadows the
+  # system's); gguf lets that transformers read SmolLM2's GGUF file.
+  llmcompressor) "${pip[@]}" "llmcompressor==0.14.0.1" gguf ;;
+  *) echo "setup.sh: unknown peer '$tool' (known: hqq, llmcompressor)" >&2; exit 2 ;;
 esac
 "$venv/bin/python" -c "import torch; assert not torch.version.cuda or torch.cuda.is_available(), 'CUDA torch on a CPU machine'"
 echo "setup.sh: $tool ready in $venv"

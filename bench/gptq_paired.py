@@ -1,0 +1,137 @@
+"""Is GPTQ's gain over round-to-nearest real? A paired comparison on more windows, with error bars.
+
+    python3 bench/gptq_paired.py [--scheme w4g128-asym] [--windows 64] [--samples 32]
+
+``bench/gptq.py`` scores each cell on 16 windows per corpus, where a 1% perplexity difference
+can be chance. This script quantizes one scheme twice in this process (round-to-nearest, and
+GPTQ with lowbit's defaults on ``--samples`` pydoc calibration windows), then scores fp32, RTN
+and GPTQ on the same ``--windows`` windows of each corpus, window by window: perplexity, KL
+against fp32, and the paired difference of the two quantized models. With ``d_i`` the GPTQ
+minus RTN negative log-likelihood of window ``i`` (summed over its tokens) and ``n`` the tokens,
+the log-perplexity difference is ``Σd_i / n`` with standard error ``√W · std(d) / n``; the
+95% interval is ±1.96 standard errors (windows are treated as independent, which adjacent
+windows of one text only approximately are). The share of RTN's gap to fp32 that GPTQ closes
+is ``(log ppl_RTN − log ppl_GPTQ) / (log ppl_RTN − log ppl_fp32)``, given with the same interval.
+Writes the section of BENCHMARKS.md between the gptq-paired markers and
+``bench/out/gptq-paired-<scheme>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import write_section  # noqa: E402
+from corpora import prose_split  # noqa: E402
+
+import lowbit  # noqa: E402
+from lowbit.calib import calibration_windows  # noqa: E402
+from lowbit.eval import eval_text, token_windows  # noqa: E402
+from lowbit.eval.kl import token_kl  # noqa: E402
+from lowbit.eval.perplexity import next_token_logprobs, token_nll  # noqa: E402
+from lowbit.hf.load import load_model  # noqa: E402
+
+MARK_BEGIN, MARK_END = "<!-- gptq-paired:begin -->", "<!-- gptq-paired:end -->"
+Z95 = 1.96
+
+
+@torch.inference_mode()
+def per_window(models: dict, windows: torch.Tensor) -> dict:
+    """{name: {"nll": [W floats], "kl": [W floats]}} for every model; KL against models["fp32"]."""
+    out = {k: {"nll": [], "kl": []} for k in models}
+    for w in windows:
+        ref = next_token_logprobs(models["fp32"], w[None])  # (1, L-1, V)
+        for k, m in models.items():
+            logp = ref if k == "fp32" else next_token_logprobs(m, w[None])
+            out[k]["nll"].append(float(token_nll(logp, w[None]).double().sum()))
+            out[k]["kl"].append(float(token_kl(logp, ref).double().sum()))
+    return out
+
+
+def paired(a: list[float], b: list[float], tokens: int) -> tuple[float, float]:
+    """Mean per-token difference of ``a − b`` (window sums) and its standard error."""
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    return float(d.sum()) / tokens, math.sqrt(len(d)) * float(d.std()) / tokens
+
+
+def summarize(scores: dict, tokens: int) -> dict:
+    logppl = {k: sum(v["nll"]) / tokens for k, v in scores.items()}
+    diff, se = paired(scores["gptq"]["nll"], scores["rtn"]["nll"], tokens)
+    gap = logppl["rtn"] - logppl["fp32"]
+    return {"ppl": {k: math.exp(v) for k, v in logppl.items()},
+            "kl": {k: sum(v["kl"]) / tokens for k, v in scores.items()},
+            "gptq_minus_rtn_logppl": diff, "se": se,
+            "gap_closed": -diff / gap if gap > 0 else float("nan"), "gap_closed_se": se / gap if gap > 0 else float("nan"),
+            "tokens": tokens, "windows": len(scores["fp32"]["nll"])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scheme", default="w4g128-asym")
+    ap.add_argument("--windows", type=int, default=64, help="evaluation windows per corpus")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--samples", type=int, default=32, help="GPTQ calibration windows (pydoc)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    loaded = load_model("smollm2-135m")
+    fp32, tok = loaded.model.eval(), loaded.tokenizer
+    rtn = lowbit.quantize(copy.deepcopy(fp32), args.scheme)
+    t0 = time.perf_counter()
+    calib = calibration_windows(tok, "pydoc", args.samples, args.seq_len)
+    gptq = lowbit.quantize(copy.deepcopy(fp32), args.scheme, method="gptq", calib=calib)
+    seconds = time.perf_counter() - t0
+    models = {"fp32": fp32, "rtn": rtn, "gptq": gptq}
+    result = {"scheme": args.scheme, "samples": args.samples, "seq_len": args.seq_len, "gptq_seconds": seconds}
+    for corpus, text in (("pydoc", eval_text(None)), ("prose", prose_split()[1])):
+        windows = token_windows(tok, text, args.seq_len, args.windows)
+        result[corpus] = summarize(per_window(models, windows), windows.shape[0] * (windows.shape[1] - 1))
+        print(corpus, json.dumps(result[corpus]), flush=True)
+    out = HERE / "out" / f"gptq-paired-{args.scheme}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out)
+    write_markdown(sorted((HERE / "out").glob("gptq-paired-*.json")))
+
+
+def write_markdown(files: list[Path]) -> None:
+    lines = [
+        MARK_BEGIN,
+        "### Is the GPTQ gain real? Paired RTN-against-GPTQ comparisons on more windows",
+        "",
+        "Reproduce: `python3 bench/gptq_paired.py --scheme SCHEME --windows W` (one run per row). RTN and GPTQ "
+        "(lowbit's defaults, pydoc calibration) are scored on the same windows; the difference is paired "
+        "window by window, ± is the 95% interval (1.96 standard errors over windows). "
+        "\"Gap closed\" is the share of RTN's log-perplexity gap to fp32 that GPTQ removes. "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}.",
+        "",
+        "| scheme | corpus | windows | fp32 ppl | RTN ppl | GPTQ ppl | GPTQ − RTN (log ppl) | gap closed "
+        "| RTN KL | GPTQ KL |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for f in files:
+        r = json.loads(f.read_text())
+        for corpus in ("pydoc", "prose"):
+            s = r[corpus]
+            lines.append(
+                f"| {r['scheme']} | {corpus} | {s['windows']} | {s['ppl']['fp32']:.2f} | {s['ppl']['rtn']:.2f} "
+                f"| {s['ppl']['gptq']:.2f} | {s['gptq_minus_rtn_logppl']:+.4f} ± {Z95 * s['se']:.4f} "
+                f"| {100 * s['gap_closed']:.0f}% ± {100 * Z95 * s['gap_closed_se']:.0f}% "
+                f"| {s['kl']['rtn']:.3f} | {s['kl']['gptq']:.3f} |")
+    lines += ["", MARK_END]
+    write_section(HERE.parent / "BENCHMARKS.md", MARK_BEGIN, MARK_END, lines)
+
+
+if __name__ == "__main__":
+    main()
