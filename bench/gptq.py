@@ -33,6 +33,7 @@ sys.path.insert(0, str(HERE))
 
 from common import hf_folder, reference_logprobs, score, write_section  # noqa: E402
 from corpora import prose_split  # noqa: E402
+from peers._main import ERROR_PREFIX  # noqa: E402
 from rss import measure  # noqa: E402
 
 from lowbit.algorithms.gptq import DEFAULT_DAMP  # noqa: E402
@@ -87,6 +88,15 @@ CELLS = [c for s in SCHEMES for c in ((f"{s}/rtn", s, "rtn", []), (f"{s}/gptq", 
     ("uint4:g64:mse/gptq", "uint4:g64:mse", "gptq", MATRIX_ARGS),
     ("uint3:g128:mse/rtn", "uint3:g128:mse", "rtn", []),
     ("uint3:g128:mse/gptq", "uint3:g128:mse", "gptq", MATRIX_ARGS),
+    ("uint3:g64:mse/gptq", "uint3:g64:mse", "gptq", MATRIX_ARGS),
+    # HQQ's float zero inside GPTQ at g128, against the integer-zero g128 rows above
+    ("uint4_fz:g128:hqq/rtn", "uint4_fz:g128:hqq", "rtn", []),
+    ("uint4_fz:g128:hqq/gptq", "uint4_fz:g128:hqq", "gptq", MATRIX_ARGS),
+    ("uint3_fz:g128:hqq/rtn", "uint3_fz:g128:hqq", "rtn", []),
+    ("uint3_fz:g128:hqq/gptq", "uint3_fz:g128:hqq", "gptq", MATRIX_ARGS),
+    # llm-compressor's GPTQ settings (damp 0.01, static act-order) in lowbit: same algorithm, same windows
+    ("w4g64-asym/gptq-damp0.01-actorder", "w4g64-asym", "gptq", ["--damp", "0.01", "--act-order"]),
+    ("w3g64-asym/gptq-damp0.01-actorder", "w3g64-asym", "gptq", ["--damp", "0.01", "--act-order"]),
 ]
 #: peer tools' quantizers: script and the virtual environment bench/peers/setup.sh makes for it
 PEERS = {tool: (HERE / "peers" / f"{tool}_quant.py", HERE / ".venvs" / tool / "bin" / "python")
@@ -169,9 +179,10 @@ def run_peer(cell: tuple, folder: Path, corpora: dict, refs: dict, args) -> dict
         cmd += ["--samples", str(args.samples), "--seq-len", str(args.seq_len)]
     m = measure(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if m["returncode"] != 0:  # recorded, not left out: the table says the peer could not run it
-        reason = [ln for ln in m["stderr_tail"].splitlines() if "Error" in ln or "error" in ln] or ["(no message)"]
+        reason = [ln[len(ERROR_PREFIX):] for ln in m["stderr_tail"].splitlines() if ln.startswith(ERROR_PREFIX)]
+        reason = reason or [f"exit status {m['returncode']} (see stderr_tail)"]
         print(f"[bench] {name} failed: {reason[-1]}", flush=True)
-        return {"cell": name, "scheme": scheme, "method": method, "args": extra, "error": reason[-1][:300],
+        return {"cell": name, "scheme": scheme, "method": method, "args": extra, "error": reason[-1][:400],
                 "stderr_tail": m["stderr_tail"][-3000:]}
     numbers = json.loads((folder / "result.json").read_text())
     if calibrated:

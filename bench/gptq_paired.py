@@ -97,7 +97,7 @@ def main() -> None:
         windows = token_windows(tok, text, args.seq_len, args.windows)
         result[corpus] = summarize(per_window(models, windows), windows.shape[0] * (windows.shape[1] - 1))
         print(corpus, json.dumps(result[corpus]), flush=True)
-    out = HERE / "out" / f"gptq-paired-{args.scheme}.json"
+    out = HERE / "out" / f"gptq-paired-{args.scheme.replace(':', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))

@@ -2,9 +2,11 @@
 # Create a peer tool's own virtual environment under bench/.venvs/<tool>.
 #
 #     bench/peers/setup.sh hqq
+#     bench/peers/setup.sh llmcompressor
 #
 # The venv sees the system site-packages, so it reuses the torch (the local CPU wheel),
-# transformers and lowbit already installed there; nothing here can pull a CUDA torch.
+# transformers and lowbit already installed there. Every install is constrained to that exact
+# torch version, so nothing here can pull a CUDA torch or replace the local one.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 tool=${1:?usage: bench/peers/setup.sh TOOL  (hqq, llmcompressor)}
