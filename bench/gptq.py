@@ -254,7 +254,8 @@ def write_markdown(cells: list, args) -> None:
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['cell']} | refused: `{r['error']}` |" + " |" * 9)
+            error = r["error"].replace("`", "'").replace("|", "/")  # keep the table cell intact
+            lines.append(f"| {r['cell']} | refused: {error} |" + " |" * 9)
             continue
         lines.append(
             f"| {r['cell']} | {_calibration(r, args)} | {r['bpw']:.3f} | {r['pydoc']['ppl']:.3f} | {r['pydoc']['ppl'] / base['pydoc']['ppl']:.3f}"

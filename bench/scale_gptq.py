@@ -50,7 +50,9 @@ def main() -> None:
 def write_markdown(runs: list[dict], model: Path, out: Path) -> None:
     size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     qsize = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    forecast = next((line for r in runs for line in r["stdout_tail"].splitlines() if "forecast" in line), "")
+    out_text = next((r["stdout_tail"] for r in runs if "forecast:" in r["stdout_tail"]), "")
+    forecast = out_text[out_text.find("forecast:"):]
+    forecast = " ".join(forecast[:forecast.find(" min") + 4].split())  # rich may wrap the line
     parts = " + ".join(f"{r['seconds'] / 60:.1f} min" for r in runs)
     lines = [
         MARK_BEGIN,

@@ -90,6 +90,28 @@ def rss_bytes() -> int:
         return 0
 
 
+def peak_rss_bytes() -> int:
+    """This program's peak resident memory so far.
+
+    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this program's own address
+    space. ``ru_maxrss`` is not used there: it survives ``fork`` and ``execve``, so a program
+    started by a large parent (a benchmark harness holding 5 GB) would report the parent's peak.
+    Elsewhere ``ru_maxrss`` (bytes on macOS, KiB on the BSDs).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def parse_bytes(text: str) -> int:
     """'4GB', '4G', '3.5GiB', '800MB' -> bytes (GB = 2**30, as top and free report)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", text.upper())

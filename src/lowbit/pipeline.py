@@ -6,7 +6,6 @@ Load (streamed from safetensors when possible) → calibration windows → plan 
 """
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import lowbit
 from lowbit.capture import find_blocks
 from lowbit.checkpoint import RunDir, fingerprint, started_batch
 from lowbit.errors import LowbitError
-from lowbit.forecast import Shape, fit, measure_flops, parse_bytes, rss_bytes
+from lowbit.forecast import Shape, fit, measure_flops, parse_bytes, peak_rss_bytes, rss_bytes
 from lowbit.plan import default_plan, resolve_targets
 from lowbit.qtensor import matrix_shape
 from lowbit.run import RunReport, Streaming, calibrate, restore_block
@@ -83,7 +82,7 @@ def run_calibrated(args: CalibratedRun, say=print) -> dict[str, Any]:
                        streaming=stream, act_budget=act_budget, progress=args.progress)
     _save(model, tokenizer, streamed, workdir, args)
     RunDir(workdir, run_id, resume=True).remove()
-    return {"seconds": time.perf_counter() - t0, "peak_rss_bytes": _peak_rss(), "forecast": forecast,
+    return {"seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes(), "forecast": forecast,
             "report": report, "streamed": streamed is not None, "windows": tuple(windows.shape), "model": model,
             "tokenizer": tokenizer}
 
@@ -133,10 +132,6 @@ def _save(model: nn.Module, tokenizer: Any, streamed: Any, workdir: Path, args: 
 
     chunks = save_chunks(streamed, lambda i, block: restore_block(model, workdir, i))
     save(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, chunks=chunks)
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def report_rows(report: RunReport, damp: float) -> list[tuple[str, str]]:

@@ -123,3 +123,16 @@ def test_max_memory_spills_activations_when_that_is_enough(tiny_llama_dir):
 def test_gptq_options_are_checked_before_loading(run, tmp_path):
     r = run("quantize", "no-such-model", "--out", str(tmp_path / "q"), *GPTQ, "--damp", "-1")
     assert r.returncode == 2 and "damp" in r.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc only")
+def test_peak_rss_is_the_programs_own_not_its_parents():
+    """ru_maxrss survives fork+exec; the reported peak must not include a large parent's."""
+    from lowbit.forecast import peak_rss_bytes
+
+    ballast = torch.ones(400 * 2**20 // 4)  # 400 MiB held (and touched) by this parent
+    parent = peak_rss_bytes()
+    code = "from lowbit.forecast import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    del ballast
+    assert 0 < child < parent - 300 * 2**20, (child, parent)
