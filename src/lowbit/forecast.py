@@ -6,6 +6,13 @@ each quantized layer) + the statistics of one block (an upper bound: one ``cols 
 Hessian per layer, even where q/k/v share one) + the solver's working set for the largest layer
 + two generations of hidden states (resident part) + one batch's intermediate activations.
 
+The solver's working set is four ``rows × cols`` and four ``cols × cols`` float32 matrices: the
+weight's copies (float32, permuted, transposed, codes and errors) and the Hessian's (its
+permuted or dampened copy, the Cholesky factor, its inverse, and the factorization's own
+workspace). That was measured as the peak of ``gptq`` above its inputs (VmHWM): 305 MiB for a
+1024×4096 layer with act-order, 288 MiB without, where the formula gives 320 MiB. An earlier
+``3·rows·cols + 2·cols²`` forecast 3.16 GB for the 3.4B run in BENCHMARKS.md, which peaked at 3.53 GiB.
+
 Time = matmul FLOPs (two forwards per block, the Hessian products, GPTQ's updates) at the
 rate this machine measures for a float32 matmul now, plus reading streamed weights at an assumed
 300 MB/s. Both are estimates; the summary prints the real figures next to them.
@@ -59,7 +66,7 @@ def forecast(s: Shape, act_budget: int, flops_per_s: float) -> Forecast:
         "now": s.resident_bytes,
         "block": 2 * s.block_bytes,
         "statistics": sum(c * c * 4 for _, c in s.layers),
-        "solver": max((3 * r * c + 2 * c * c) * 4 for r, c in s.layers) if s.layers else 0,
+        "solver": max((4 * r * c + 4 * c * c) * 4 for r, c in s.layers) if s.layers else 0,
         "activations": min(acts_total, act_budget) + 6 * s.batch_tokens * max(s.intermediate, s.hidden) * 4,
     }
     flops = s.blocks * (2 * 2 * s.block_params * s.tokens

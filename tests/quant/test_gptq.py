@@ -233,6 +233,26 @@ def test_damp_grows_until_cholesky_succeeds():
     assert torch.equal(U, U.triu())
 
 
+def test_overwrite_dampens_the_callers_matrix_and_gives_the_same_factor():
+    n = 8
+    u = torch.ones(n, 1) / n**0.5
+    H = torch.eye(n) - 1.5 * u @ u.T  # needs damp 1 (retries rewrite the diagonal in place)
+    U_copy, damp_copy, _ = inverse_cholesky(H.clone(), 0.01)
+    mine = H.clone()
+    U, damp, _ = inverse_cholesky(mine, 0.01, overwrite=True)
+    assert damp == damp_copy and torch.equal(U, U_copy)
+    assert torch.equal(mine, H + damp * H.diagonal().mean() * torch.eye(n))  # dampened in place
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_leaves_the_callers_hessian_untouched(act_order):
+    H = correlated_hessian(64)
+    before = H.clone()
+    gptq(torch.randn(16, 64, generator=torch.Generator().manual_seed(0)), H, QuantSpec(get_format("int4"), PerGroup(32)),
+         act_order=act_order)
+    assert torch.equal(H, before)
+
+
 def test_zero_damp_on_a_singular_hessian_retries():
     U, damp, _ = inverse_cholesky(torch.ones(4, 4), 0.0)  # rank 1
     assert damp == FIRST_RETRY_DAMP and torch.isfinite(U).all()

@@ -83,10 +83,12 @@ def _try_cholesky(H: Tensor) -> Tensor | None:
     return U
 
 
-def inverse_cholesky(H: Tensor, damp: float = 0.01) -> tuple[Tensor, float, Tensor]:
+def inverse_cholesky(H: Tensor, damp: float = 0.01, *, overwrite: bool = False) -> tuple[Tensor, float, Tensor]:
     """Dampened inverse Cholesky factor for GPTQ.
 
-    H: (cols, cols) float32, symmetric; not modified. Dead columns (zero diagonal) get a
+    H: (cols, cols) float32, symmetric; not modified unless ``overwrite`` (then its diagonal is
+    dampened in place, which spares a ``cols × cols`` copy: pass it for a matrix the caller owns
+    and no longer needs, such as GPTQ's act-order permutation). Dead columns (zero diagonal) get a
     diagonal of 1 — the caller zeroes the matching weight columns — then
     ``damp·mean(diag H)`` is added to the diagonal and ``U`` with ``H⁻¹ = Uᵀ U`` is computed
     (cholesky → cholesky_inverse → cholesky(upper)). When a factorization fails or gives
@@ -100,13 +102,13 @@ def inverse_cholesky(H: Tensor, damp: float = 0.01) -> tuple[Tensor, float, Tens
         raise LowbitError(f"Hessian must be a square matrix, got shape {tuple(H.shape)}")
     if not _finite(H):
         raise LowbitError("Hessian has NaN or Inf entries; check the calibration inputs of this layer")
-    H = H.to(torch.float32, copy=True)
+    H = H if overwrite and H.dtype == torch.float32 else H.to(torch.float32, copy=True)
     dead = dead_columns(H)
     diag = torch.where(dead, 1.0, H.diagonal())  # (cols,) dead columns get 1
     mean_diag = diag.mean()
     tried = damp
     while True:
-        H.diagonal().copy_(diag + tried * mean_diag)  # H is our copy: dampen in place
+        H.diagonal().copy_(diag + tried * mean_diag)  # our copy, or the caller's to overwrite
         U = _try_cholesky(H)
         if U is not None:
             if tried != damp:

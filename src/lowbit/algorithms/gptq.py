@@ -228,8 +228,9 @@ def gptq(W: Tensor, H: Tensor, spec: QuantSpec, *, damp: float = 0.01, block_siz
     if not dynamic:
         qps.choose_all(W, perm)
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
-    Hinv, damp_used, _ = inverse_cholesky(H, damp)
+        W, H = W[:, perm], H[perm][:, perm]  # H is now this function's own copy
+    Hinv, damp_used, _ = inverse_cholesky(H, damp, overwrite=perm is not None)
+    del H  # (cols, cols): not needed by the column loop
     block = max(1, block_size // tile[1]) * tile[1] if dynamic else block_size
     codes, loss = _column_loop(W, Hinv, qps, spec, block, tile[1] if dynamic else 0)
     if perm is not None:
