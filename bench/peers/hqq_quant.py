@@ -8,7 +8,9 @@ of the decoder blocks becomes an ``hqq.core.quantize.HQQLinear`` with HQQ's defa
 CPU); ``lm_head`` and the embeddings stay fp32, as in lowbit's default plan. The script then
 writes ``DIR/model.safetensors``: each quantized layer's weight as ``HQQLinear.dequantize()``
 returns it (every other tensor is untouched, so it is not saved), which is exactly the matrix HQQ's PyTorch backend multiplies by,
-so lowbit's evaluator scores HQQ's numerics without HQQ installed. ``DIR/result.json`` holds
+so lowbit's evaluator scores HQQ's numerics without HQQ installed (``bench/gptq.py``).
+With ``--work`` (``bench/compare.py``), the model is saved with HQQ's own
+``save_quantized`` instead and the live HQQ model is scored by ``peer_eval``. ``DIR/result.json`` holds
 the quantization seconds (``quantize_model`` alone, excluding loading) and the bits per weight
 HQQ's own format stores: ``nbits`` plus an fp16 scale and zero per group.
 """
@@ -31,6 +33,8 @@ def main() -> None:
     ap.add_argument("--nbits", type=int, default=4)
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=None,
+                    help="side-by-side mode (bench/compare.py): save with HQQ's own format and evaluate the live model")
     args = ap.parse_args()
 
     from hqq.core.quantize import BaseQuantizeConfig, HQQBackend, HQQLinear
@@ -45,6 +49,15 @@ def main() -> None:
     AutoHQQHFModel.quantize_model(model, quant_config=BaseQuantizeConfig(nbits=args.nbits, group_size=args.group),
                                   compute_dtype=torch.float32, device="cpu")
     seconds = time.perf_counter() - t0
+    if args.work is not None:
+        from peer_eval import finish
+
+        saved = args.out / "model"
+        AutoHQQHFModel.save_quantized(model, str(saved))
+        finish(args.out, model, args.work, tool="hqq", version=importlib.metadata.version("hqq"),
+               quantize_seconds=seconds, bpw=args.nbits + 2 * 16 / args.group, saved=saved,
+               settings={"nbits": args.nbits, "group_size": args.group, "backend": "pytorch", "compute": "float32"})
+        return
 
     state, quantized, params = {}, [], 0
     with torch.no_grad():

@@ -22,6 +22,10 @@ scores llm-compressor's numerics. ``DIR/result.json`` holds the quantization sec
 alone, excluding loading) and the bits per weight of compressed-tensors' pack-quantized
 storage: ``bits`` plus an fp16 scale per group, plus a ``bits``-wide zero per group when
 asymmetric (counted as lowbit counts its own).
+
+With ``--work`` (``bench/compare.py``) it calibrates on the work folder's windows instead, saves
+the model with ``save_pretrained(save_compressed=True)`` (pack-quantized compressed-tensors, what
+vLLM loads) and hands the live model, llm-compressor's own quantized forward, to ``peer_eval``.
 """
 from __future__ import annotations
 
@@ -42,11 +46,13 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
     ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--group", type=int, default=64, help="inputs per group; 0: per output channel")
     ap.add_argument("--asym", action="store_true")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=None, help="side-by-side mode (bench/compare.py): calibrate on "
+                    "the work folder's windows, save compressed-tensors and evaluate the live model")
     args = ap.parse_args()
 
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
@@ -62,23 +68,49 @@ def main() -> None:
     torch.manual_seed(0)
     loaded = load_model(args.model)  # fp32 (lowbit loads GGUF dequantized)
     model, tok = loaded.model.eval(), loaded.tokenizer
-    weights = QuantizationArgs(num_bits=args.bits, type="int", symmetric=not args.asym, strategy="group",
-                               group_size=args.group)
+    if args.group:
+        weights = QuantizationArgs(num_bits=args.bits, type="int", symmetric=not args.asym, strategy="group",
+                                   group_size=args.group)
+    else:  # --group 0: one scale per output channel (the W8A16 preset's strategy)
+        weights = QuantizationArgs(num_bits=args.bits, type="int", symmetric=not args.asym, strategy="channel")
     groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
     kwargs: dict = {}
     digest = None
     if args.method == "gptq":
         recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"])
-        ids = calibration_windows(tok, "pydoc", args.samples, args.seq_len)  # (samples, seq_len) int64
+        if args.work is not None:
+            from peer_eval import calibration
+
+            ids = calibration(args.work)  # (samples, seq_len) int64, the windows every calibrated tool uses
+            args.samples, args.seq_len = ids.shape
+        else:
+            ids = calibration_windows(tok, "pydoc", args.samples, args.seq_len)  # (samples, seq_len) int64
         digest = hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()
         data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
         kwargs = dict(dataset=data, num_calibration_samples=args.samples, max_seq_length=args.seq_len,
                       shuffle_calibration_samples=False)
     else:
         recipe = QuantizationModifier(config_groups=groups, ignore=["lm_head"])
+    from peer_eval import linear_shapes
+
+    shapes = linear_shapes(model)
     t0 = time.perf_counter()
     oneshot(model=model, tokenizer=tok, recipe=recipe, **kwargs)
     seconds = time.perf_counter() - t0
+    from peer_eval import group_bpw
+
+    # fp16 scale per group, plus a bits-wide integer zero when asymmetric
+    bpw = group_bpw(shapes, args.bits, args.group, 16 + (args.bits if args.asym else 0))
+    if args.work is not None:
+        from peer_eval import finish
+
+        saved = args.out / "model"
+        model.save_pretrained(saved, save_compressed=True)  # compressed-tensors pack-quantized, as vLLM loads it
+        finish(args.out, model, args.work, tool="llm-compressor", version=importlib.metadata.version("llmcompressor"),
+               quantize_seconds=seconds, bpw=bpw, saved=saved,
+               settings={"method": args.method, "bits": args.bits, "group_size": args.group, "symmetric": not args.asym,
+                         "samples": args.samples if args.method == "gptq" else 0, "calibration_sha256": digest})
+        return
 
     state, quantized, params = {}, [], 0
     with torch.no_grad():
@@ -103,7 +135,7 @@ def main() -> None:
               "method": args.method, "bits": args.bits, "group_size": args.group, "symmetric": not args.asym,
               "samples": args.samples if args.method == "gptq" else 0, "seq_len": args.seq_len,
               "calibration_sha256": digest, "quantize_seconds": seconds, "layers": len(quantized),
-              "bpw": args.bits + (16 + (args.bits if args.asym else 0)) / args.group, "quantized_params": params}
+              "bpw": bpw, "quantized_params": params}
     (args.out / "result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
 

@@ -1,0 +1,68 @@
+"""lowbit as one of the tools in the side-by-side benchmark, run exactly like the peers.
+
+    python3 bench/peers/lowbit_quant.py --model FOLDER --scheme w4g64-asym --method gptq --work WORK --out DIR
+
+Loads the fp32 folder every tool reads, quantizes with lowbit's Python API (round-to-nearest,
+or GPTQ with lowbit's CLI defaults on the work folder's calibration windows), saves the model
+with ``lowbit.save`` (its size on disk is the saved folder), then loads that folder back with
+``lowbit.load``, which is what a user runs, and hands it to the shared evaluator. Quantize
+seconds cover ``lowbit.quantize`` alone; peak RSS is read before the reload. ``--scheme fp32``
+evaluates the unquantized model: the reference row of every table.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--scheme", required=True, help="a lowbit scheme, or fp32: the unquantized reference row")
+    ap.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
+    ap.add_argument("--damp", type=float, default=None, help="GPTQ dampening (default: lowbit's)")
+    ap.add_argument("--no-act-order", action="store_true")
+    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+
+    import lowbit
+    from peer_eval import calibration, finish, peak_rss_mb
+    from lowbit.algorithms.gptq import DEFAULT_DAMP
+    from lowbit.hf.load import load_model
+    from lowbit.report import manifest_bits_per_weight
+
+    torch.manual_seed(0)
+    loaded = load_model(args.model)
+    if args.scheme == "fp32":  # the reference: nothing quantized, sized as the fp32 folder it was loaded from
+        finish(args.out, loaded.model, args.work, tool="fp32", version=torch.__version__, quantize_seconds=0.0,
+               bpw=32.0, saved=Path(args.model), settings={"scheme": "fp32"})
+        return
+    options: dict = {}
+    calib = None
+    if args.method == "gptq":
+        if args.work is None:
+            raise SystemExit("--method gptq needs --work (its calibration windows)")
+        calib = calibration(args.work)
+        options = {"damp": DEFAULT_DAMP if args.damp is None else args.damp, "act_order": not args.no_act_order}
+    t0 = time.perf_counter()
+    lowbit.quantize(loaded.model, args.scheme, method=args.method, calib=calib, progress=False, **options)
+    seconds = time.perf_counter() - t0
+    saved = args.out / "model"
+    lowbit.save(loaded.model, saved, tokenizer=loaded.tokenizer, overwrite=True)
+    peak = peak_rss_mb()
+    del loaded
+    model = lowbit.load(saved)
+    finish(args.out, model, args.work, tool="lowbit", version=lowbit.__version__, quantize_seconds=seconds,
+           bpw=manifest_bits_per_weight(saved), saved=saved, peak_rss_mb=peak,
+           settings={"scheme": args.scheme, "method": args.method, **options,
+                     "samples": 0 if calib is None else int(calib.shape[0])})
+
+
+if __name__ == "__main__":
+    from _main import run
+
+    run(main)
