@@ -74,6 +74,36 @@ PEERS = [
     _lc("RTN W8A16 per channel", 8, 0, False, False, "RTN int8 per channel"),
     Cell("hqq", "4-bit g64", 4, ("--nbits", "4", "--group", "64"), pair=_K["HQQ w4g64 (data-free)"]),
     Cell("hqq", "3-bit g64", 3, ("--nbits", "3", "--group", "64"), pair=_K["HQQ w3g64 (data-free)"]),
+    # optimum-quanto: min-max asymmetric int4 with a float shift (lowbit's uint4_fz), per-row int8
+    Cell("quanto", "qint4 (its own groups: 96 or 128)", 4, ("--bits", "4"), pair=_K["RTN w4g64 float zero"],
+         note="quanto picks the group itself: 128, or the largest of 96/64/32 dividing the inputs"),
+    Cell("quanto", "qint4 g64", 4, ("--bits", "4", "--group", "64"), pair=_K["RTN w4g64 float zero"]),
+    Cell("quanto", "qint8 per channel", 8, ("--bits", "8"), pair=_K["RTN int8 per channel"]),
+    # torchao: the CPU int4 layout (tinygemm grid: float zero) in bfloat16, int8 weight-only per row
+    Cell("torchao", "int4 weight-only g64 (bf16)", 4, ("--bits", "4", "--group", "64"), pair=_K["RTN w4g64 float zero"],
+         note="torchao's CPU int4 kernel is built for bfloat16 (float32 activations are ~60x slower), so this model "
+              "runs in bfloat16, lm_head included"),
+    Cell("torchao", "int4 weight-only g128 (bf16)", 4, ("--bits", "4", "--group", "128"), pair=_K["RTN w4g64 float zero"]),
+    Cell("torchao", "int8 weight-only per row", 8, ("--bits", "8"), pair=_K["RTN int8 per channel"]),
+    # brevitas: its LLM example's weight-only quantizers, GPTQ block by block
+    Cell("brevitas", "RTN int4 g64 sym", 4, ("--format", "int", "--bits", "4", "--group", "64", "--method", "rtn"),
+         pair=_K["RTN w4g64 sym"], note="brevitas is fake-quant (float weights and quantizer parameters): nothing compact "
+                                        "is saved, so no size; bits/weight counts float32 scales"),
+    Cell("brevitas", "GPTQ int4 g64 sym", 4, ("--format", "int", "--bits", "4", "--group", "64", "--method", "gptq"),
+         calibrated=True, pair=_K["GPTQ w4g64 sym"]),
+    Cell("brevitas", "GPTQ int3 g64 asym", 3,
+         ("--format", "int", "--bits", "3", "--group", "64", "--asym", "--method", "gptq"),
+         calibrated=True, pair=_K["GPTQ w3g64 asym"]),
+    Cell("brevitas", "fp8 e4m3 per channel", 8, ("--format", "fp8", "--group", "0", "--method", "rtn"),
+         pair=_K["RTN fp8 e4m3 per channel"]),
+    # auto-round: SignRound, its "light" recipe (50 steps, lr 5e-3): the default 200 steps would take ~110 min
+    Cell("autoround", "SignRound light W4 g64 sym", 4, ("--bits", "4", "--group", "64", "--iters", "50", "--lr", "5e-3"),
+         calibrated=True, pair=_K["GPTQ w4g64 sym"],
+         note="auto-round's light recipe (50 SignRound steps per block, lr 5e-3, no torch.compile): its default "
+              "200 steps measured ~1.1 s each per block here, ~110 min per configuration; reloaded through its "
+              "CPU backend, which runs in float16"),
+    Cell("autoround", "SignRound light W4 g128 sym", 4, ("--bits", "4", "--group", "128", "--iters", "50", "--lr", "5e-3"),
+         calibrated=True, pair=_K["GPTQ w4g64 sym"]),
 ]
 
 CELLS = [Cell("fp32", "fp32", 0, ("--scheme", "fp32"))] + LOWBIT + PEERS

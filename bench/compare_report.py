@@ -139,5 +139,8 @@ def write_report(cells: list[Cell], results: dict, *, key: str, command: str, ma
         if ratio:
             lines += [f"lowbit ÷ peer, {bits}-bit, same run (below 1 is lowbit lower: better for perplexity, KL, "
                       "seconds and memory; above 1 is lowbit faster for decode):", ""] + ratio + [""]
+    notes = [f"- {TOOL_NAMES.get(c.tool, c.tool)} {c.method}: {c.note}." for c in cells if c.note and c.key in results]
+    if notes:
+        lines += ["Notes:", ""] + notes + [""]
     lines.append(end)
     write_section(markdown, begin, end, lines)

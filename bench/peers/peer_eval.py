@@ -83,7 +83,9 @@ def folder_bytes(path: Path | None) -> int | None:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode, for every tool alike: quanto's int4 linear is an autograd.Function
+# that fails on inference tensors ("Cannot set version_counter for inference tensor", torch 2.13)
+@torch.no_grad()
 def perplexity_and_kl(model, ids: torch.Tensor, reference: Path, corpus: str) -> dict:
     """Perplexity and mean KL(P_fp32 ‖ P_model) over (n, L) windows; per-window NLL kept for paired tests."""
     nll = kl = 0.0
@@ -99,7 +101,7 @@ def perplexity_and_kl(model, ids: torch.Tensor, reference: Path, corpus: str) ->
     return {"ppl": math.exp(nll / n), "kl": kl / n, "tokens": n, "window_nll": window_nll}
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def decode_speed(model, prompt: torch.Tensor, new_tokens: int) -> dict:
     """Greedy decoding of exactly ``new_tokens`` tokens after ``prompt`` (1, P): tokens per second.
 

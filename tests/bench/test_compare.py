@@ -10,8 +10,6 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
-pytest.importorskip("matplotlib")
-
 
 @pytest.fixture(scope="module")
 def ood_text(tmp_path_factory):
