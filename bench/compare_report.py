@@ -30,6 +30,8 @@ def table(rows: list[tuple[Cell, dict]], meta: dict) -> list[str]:
         name = TOOL_NAMES.get(cell.tool, cell.tool)
         if "error" in r:
             error = r["error"].replace("`", "'").replace("|", "/").replace("\n", " ")
+            if len(error) > 160:  # the whole message stays in the cell's JSON
+                error = error[:157].rstrip() + "..."
             lines.append(f"| {name} | {cell.method} | **failed**: {error} |" + " |" * 9)
             continue
         size = None if r.get("size_bytes") is None else r["size_bytes"] / 1e6
@@ -62,6 +64,19 @@ def ratios(rows: list[tuple[Cell, dict]], results: dict) -> list[str]:
                      f"| {q(('peak_rss_mb',))} | {q(('decode_tok_s',))} |")
         n += 1
     return lines if n else []
+
+
+def best_per_tool(rows: list[tuple[Cell, dict]], ood: str) -> list[str]:
+    """Each tool's best run of a bit width by out-of-domain perplexity: where lowbit stands at a glance."""
+    best: dict[str, tuple[Cell, dict]] = {}
+    for cell, r in rows:
+        if "error" not in r and (cell.tool not in best or r["prose"]["ppl"] < best[cell.tool][1]["prose"]["ppl"]):
+            best[cell.tool] = (cell, r)
+    lines = [f"| tool | its best method (by {ood} ppl) | bits/weight | {ood} ppl | pydoc ppl |", "|---|---|---:|---:|---:|"]
+    for cell, r in sorted(best.values(), key=lambda cr: cr[1]["prose"]["ppl"]):
+        lines.append(f"| {TOOL_NAMES.get(cell.tool, cell.tool)} | {cell.method} | {_f(r.get('bpw'), '.3f')} "
+                     f"| {r['prose']['ppl']:.3f} | {r['pydoc']['ppl']:.3f} |")
+    return lines
 
 
 def pareto_plot(results: list[dict], fp32: dict | None, path: Path, title: str) -> Path:
@@ -126,7 +141,7 @@ def write_report(cells: list[Cell], results: dict, *, key: str, command: str, ma
              "Quantize seconds: the tool's quantization call alone. Peak RSS: the runner's own high-water mark "
              "(VmHWM) after loading, quantizing and saving. Size: the tool's own saved folder. Decode: greedy, "
              f"{meta.get('decode_tokens', '?')} new tokens after a 32-token prompt, the live quantized model "
-             f"(prefill included). Machine: {machine}, torch {torch.__version__}.", "",
+             f"(prefill included), median of 3 timed runs after a warm-up. Machine: {machine}, torch {torch.__version__}.", "",
              f"![bits per weight against perplexity]({link})", ""]
     by_bits: dict[int, list[tuple[Cell, dict]]] = {}
     for cell in cells:
@@ -134,7 +149,8 @@ def write_report(cells: list[Cell], results: dict, *, key: str, command: str, ma
             by_bits.setdefault(cell.bits, []).append((cell, results[cell.key]))
     for bits, rows in by_bits.items():
         head = [(cells[0], fp32)] if fp32 else []
-        lines += [f"### {bits}-bit", ""] + table(head + rows, meta) + [""]
+        lines += [f"### {bits}-bit", "", "Each tool's best:", ""] + best_per_tool(rows, meta.get("ood", "prose")) + [""]
+        lines += ["Every run:", ""] + table(head + rows, meta) + [""]
         ratio = ratios(rows, results)
         if ratio:
             lines += [f"lowbit ÷ peer, {bits}-bit, same run (below 1 is lowbit lower: better for perplexity, KL, "

@@ -107,7 +107,8 @@ def main() -> None:
     finish(args.out, model, args.work, tool="autoround", version=importlib.metadata.version("auto-round"),
            quantize_seconds=seconds, bpw=bpw, saved=saved,
            settings={"scheme": "W4A16", "bits": args.bits, "group_size": args.group, "sym": not args.asym,
-                     "iters": args.iters, "lr": args.lr or f"1/{args.iters}", "compile": args.compile, "samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
+                     "iters": args.iters, "lr": args.lr or (f"1/{args.iters}" if args.iters else None),
+                     "compile": args.compile, "samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
                      "format": "auto_round", "backend": backends,
                      "eval_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                      "quantization_config": {k: quant_config.get(k) for k in

@@ -43,8 +43,15 @@ def test_harness_writes_table_and_plot(tiny_llama_dir, finished):
     text = md.read_text()
     assert f"<!-- compare:{tiny_llama_dir.name}:begin -->" in text and "### 4-bit" in text
     assert "### 8-bit" not in text  # --only kept the w4g64 RTN cells
-    rows = [ln for ln in text.splitlines() if ln.startswith("| lowbit |") or ln.startswith("| fp32")]
+    best_part, runs_part = text.split("Every run:")
+    rows = [ln for ln in runs_part.splitlines() if ln.startswith("| lowbit |") or ln.startswith("| fp32")]
     assert [r.split("|")[2].strip() for r in rows] == ["fp32", "RTN w4g64 sym", "RTN w4g64 asym", "RTN w4g64 float zero"]
+    # "Each tool's best": lowbit's row is its run with the lowest out-of-domain perplexity
+    best = [ln.split("|") for ln in best_part.splitlines() if ln.startswith("| lowbit |")]
+    assert len(best) == 1
+    by_ood = {r.split("|")[2].strip(): float(r.split("|")[8]) for r in rows[1:]}
+    assert best[0][2].strip() == min(by_ood, key=by_ood.get)
+    assert float(best[0][4]) == pytest.approx(min(by_ood.values()), abs=1e-3)
     for row in rows:  # every numeric column filled: ppl, KL, seconds, RSS, decode speed
         cols = [c.strip() for c in row.strip("|").split("|")]
         assert len(cols) == 12 and "–" not in cols[5:], row
