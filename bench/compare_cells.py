@@ -34,13 +34,16 @@ class Cell:
         return f"{self.tool}:" + re.sub(r"[^a-z0-9]+", "-", self.method.lower()).strip("-")
 
 
-def _lowbit(method: str, scheme: str, bits: int, gptq: bool = False) -> Cell:
+def _lowbit(method: str, scheme: str, bits: int, gptq: bool = False, note: str = "") -> Cell:
     args = ("--scheme", scheme, "--method", "gptq" if gptq else "rtn")
-    return Cell("lowbit", method, bits, args, calibrated=gptq)
+    return Cell("lowbit", method, bits, args, calibrated=gptq, note=note)
 
 
 LOWBIT = [
-    _lowbit("RTN w4g64 sym", "w4g64", 4),
+    _lowbit("RTN w4g64 sym", "w4g64", 4,
+            note="every lowbit row: the model lowbit.load returns computes with dequantized float32 weights (no "
+                 "packed kernels yet), so its decode speed is float32's, and differences between lowbit rows are "
+                 "timing noise"),
     _lowbit("RTN w4g64 asym", "w4g64-asym", 4),
     _lowbit("RTN w4g128 asym", "w4g128-asym", 4),
     _lowbit("RTN w4g64 float zero", "uint4_fz:g64", 4),
@@ -73,7 +76,9 @@ PEERS = [
     _lc("GPTQ w3g64 asym", 3, 64, True, True, "GPTQ w3g64 asym"),
     _lc("RTN W8A16 per channel", 8, 0, False, False, "RTN int8 per channel"),
     Cell("hqq", "4-bit g64", 4, ("--nbits", "4", "--group", "64"), pair=_K["HQQ w4g64 (data-free)"]),
-    Cell("hqq", "3-bit g64", 3, ("--nbits", "3", "--group", "64"), pair=_K["HQQ w3g64 (data-free)"]),
+    Cell("hqq", "3-bit g64", 3, ("--nbits", "3", "--group", "64"), pair=_K["HQQ w3g64 (data-free)"],
+         note="the hqq package rounds the zero point only at 4 bits; lowbit's HQQ starts from a rounded zero at "
+              "every width, hence the 3-bit gap (see the GPTQ section above)"),
     # optimum-quanto: min-max asymmetric int4 with a float shift (lowbit's uint4_fz), per-row int8
     Cell("quanto", "qint4 (its own groups: 96 or 128)", 4, ("--bits", "4"), pair=_K["RTN w4g64 float zero"],
          note="quanto picks the group itself: 128, or the largest of 96/64/32 dividing the inputs"),
@@ -90,7 +95,10 @@ PEERS = [
          pair=_K["RTN w4g64 sym"], note="brevitas is fake-quant (float weights and quantizer parameters): nothing compact "
                                         "is saved, so no size; bits/weight counts float32 scales"),
     Cell("brevitas", "GPTQ int4 g64 sym", 4, ("--format", "int", "--bits", "4", "--group", "64", "--method", "gptq"),
-         calibrated=True, pair=_K["GPTQ w4g64 sym"]),
+         calibrated=True, pair=_K["GPTQ w4g64 sym"],
+         note="brevitas's GPTQ re-quantizes the whole weight for every column once groups are used (its column-"
+              "slicing shortcut is for per-channel scales only), which is most of its time; its LLM example's "
+              "block loop hard-codes CUDA, so bench/peers/brevitas_quant.py runs the same loop on the CPU"),
     Cell("brevitas", "GPTQ int3 g64 asym", 3,
          ("--format", "int", "--bits", "3", "--group", "64", "--asym", "--method", "gptq"),
          calibrated=True, pair=_K["GPTQ w3g64 asym"]),
@@ -106,7 +114,9 @@ PEERS = [
     # whole 128 groups, and this cheap cell shows what auto-round makes of that (SignRound light would
     # cost ~28 min more for the same save-and-reload path)
     Cell("autoround", "opt-RTN (iters 0) W4 g128 sym", 4, ("--bits", "4", "--group", "128", "--iters", "0"),
-         calibrated=True, pair=_K["RTN w4g64 sym"]),
+         calibrated=True, pair=_K["RTN w4g64 sym"],
+         note="the checkpoint saves, but reloaded with from_pretrained its 576-wide layers get auto-round's "
+              "fallback module, whose forward fails (auto_round/experimental/qmodules/fake.py, the error shown)"),
 ]
 
 CELLS = [Cell("fp32", "fp32", 0, ("--scheme", "fp32"))] + LOWBIT + PEERS
