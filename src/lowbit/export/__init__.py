@@ -1,0 +1,41 @@
+"""Exports to the runtimes people deploy on, each verified by the target's own reader.
+
+``export(path, to, out)`` reads a folder saved by lowbit and writes ``out`` atomically:
+
+==================== ============================================= ===========================
+target               module                                        checked with
+==================== ============================================= ===========================
+compressed-tensors   ``lowbit.export.compressed_tensors`` (vLLM)   the compressed-tensors package
+gguf                 ``lowbit.export.gguf`` (llama.cpp)            the gguf package, llama.cpp
+onnx                 ``lowbit.export.onnx`` (QDQ)                  onnxruntime
+==================== ============================================= ===========================
+
+Each target module exposes ``export(path: Path, out: Path, overwrite: bool = False) -> Path`` and
+``SUPPORTED``, a one-line description of the schemes it can represent; a scheme it cannot
+represent raises ``LowbitError`` that quotes it.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+
+TARGETS = {"compressed-tensors": "compressed_tensors", "gguf": "gguf", "onnx": "onnx"}
+
+
+def target_module(to: str):
+    if to not in TARGETS:
+        raise LowbitError(f"unknown export target {to!r}; use one of: {', '.join(TARGETS)}")
+    return importlib.import_module(f"lowbit.export.{TARGETS[to]}")
+
+
+def export(path: str | os.PathLike, to: str, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Export the lowbit folder ``path`` to ``to`` (a key of ``TARGETS``) at ``out``; returns ``out``."""
+    module = target_module(to)
+    path = Path(path)
+    from lowbit.io import read_manifest
+
+    read_manifest(path)  # a clear error for a folder that is not lowbit's
+    return module.export(path, Path(out), overwrite=overwrite)
