@@ -1,7 +1,9 @@
 """lowbit: compress trained PyTorch and Hugging Face models.
 
 ``import lowbit`` is light: it never imports transformers; model-facing functions load what
-they need on first use.
+they need on first use. It does register lowbit with transformers' quantizer registry as soon
+as that is imported (``lowbit.hf.quantizer``), so ``AutoModelForCausalLM.from_pretrained`` loads
+lowbit folders.
 """
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ __version__ = "0.1.0"
 
 from lowbit.errors import LowbitError  # noqa: E402
 from lowbit.spec import PerBlock, PerChannel, PerGroup, PerTensor, QuantSpec, Rule  # noqa: E402
+from lowbit.hf.quantizer import install_hook as _install_hf_hook  # noqa: E402
+
+_install_hf_hook()
 
 __all__ = [
     "LowbitError", "PerBlock", "PerChannel", "PerGroup", "PerTensor", "QuantSpec", "Rule",

@@ -65,12 +65,17 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None, overwr
     return _save(model, out, tokenizer=tokenizer, overwrite=overwrite)
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Load a lowbit folder. Plain PyTorch modules need their skeleton passed as ``model``."""
+def load(path: str | os.PathLike, model: nn.Module | None = None, packed: bool = True) -> nn.Module:
+    """Load a lowbit folder. Plain PyTorch modules need their skeleton passed as ``model``.
+
+    ``packed=True`` (the default) keeps Linear weights packed in ``lowbit.nn.QuantLinear``
+    layers that run on PyTorch's int8/int4 CPU kernels where the format allows (bf16 compute);
+    ``packed=False`` gives the float32 fake-quant reference model.
+    """
     from lowbit.io import load_into
 
     if model is not None:
-        return load_into(model, path)
+        return load_into(model, path, packed=packed)
     from lowbit.hf.load import load_lowbit
 
-    return load_lowbit(path).model
+    return load_lowbit(path, packed=packed).model

@@ -2,8 +2,9 @@
 
 ``attach`` replaces a module's parameter by the ``QuantizedTensor`` that holds its codes plus a
 non-persistent buffer of the same name with the dequantized weight, so the module's own forward
-runs unchanged (Linear, GPT-2's Conv1D, Conv, Embedding, fused MoE experts alike). Packed
-inference kernels are a separate layer (``lowbit.nn``); this is the reference path.
+runs unchanged (Linear, GPT-2's Conv1D, Conv, Embedding, fused MoE experts alike). This is the
+reference (fake-quant) path; ``lowbit.nn.pack_model`` swaps Linear layers for packed
+``QuantLinear`` layers, and ``lowbit.load`` builds those directly.
 """
 from __future__ import annotations
 
@@ -37,8 +38,16 @@ def attach(module: nn.Module, param: str, qt: QuantizedTensor, dtype: torch.dtyp
 
 
 def quantized_tensors(model: nn.Module) -> Iterator[tuple[str, str, QuantizedTensor, torch.dtype]]:
-    """(module name, param, qtensor, compute dtype) for every attached quantized weight."""
+    """(module name, param, qtensor, compute dtype) for every quantized weight.
+
+    Packed ``QuantLinear`` layers (``lowbit.nn``) rebuild their QuantizedTensor code for code.
+    """
+    from lowbit.nn.quant_linear import QuantLinear
+
     for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            yield name, "weight", module.qtensor(), module.dtype
+            continue
         for param, qt in module.__dict__.get(_ATTR, {}).items():
             yield name, param, qt, getattr(module, param).dtype
 

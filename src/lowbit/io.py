@@ -59,7 +59,7 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None, overwr
         _write_json(tmp / MANIFEST, manifest)
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "to_json_string"):
-            (tmp / "config.json").write_text(config.to_json_string(use_diff=True))
+            _write_config(tmp / "config.json", config, manifest)
             gen = getattr(model, "generation_config", None)
             if gen is not None:
                 gen.save_pretrained(tmp)
@@ -132,6 +132,18 @@ def collect(module: nn.Module, prefix: str = "", skip: str | None = None
             tensors[f"{key}.{role}"] = t.contiguous()
         qmeta[key] = {**qt.meta(), "dtype": str(dtype).removeprefix("torch.")}
     return tensors, {"quantized": qmeta, "aliases": aliases}
+
+
+def _write_config(path: Path, config: Any, manifest: dict[str, Any]) -> None:
+    """config.json, with a ``quantization_config`` that lets transformers' ``from_pretrained``
+    load the folder (``lowbit.hf.quantizer``); an unquantized model gets none."""
+    from lowbit.hf.quantizer import quantization_config
+
+    d = json.loads(config.to_json_string(use_diff=True))
+    d.pop("quantization_config", None)
+    if manifest["quantized"]:
+        d["quantization_config"] = quantization_config(manifest)
+    _write_json(path, d)
 
 
 def _model_info(model: nn.Module) -> dict[str, str]:
@@ -209,14 +221,24 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Fill the skeleton ``model`` (same architecture) from a saved folder; returns it."""
+def load_into(model: nn.Module, path: str | os.PathLike, packed: bool = True) -> nn.Module:
+    """Fill the skeleton ``model`` (same architecture) from a saved folder; returns it.
+
+    ``packed=True`` builds a packed ``lowbit.nn.QuantLinear`` for every quantized Linear (and
+    GPT-2 Conv1D) whose weight no other module shares; the weight is never dequantized. Other
+    quantized tensors, and every one with ``packed=False``, take the reference path
+    (``lowbit.apply.attach``: the module computes with the dequantized weight).
+    """
+    from lowbit.nn.convert import packable, replace_module
+    from lowbit.nn.quant_linear import QuantLinear
+
     path = Path(path)
     manifest = read_manifest(path)
     tensors = read_weights(path)
     modules = dict(model.named_modules())
     built: dict[str, tuple[QuantizedTensor, torch.Tensor]] = {}
     quantized = manifest["quantized"]
+    shared = {meta["same_as"] for meta in quantized.values() if "same_as" in meta}
     for key in sorted(quantized, key=lambda k: "same_as" in quantized[k]):  # sources before their twins
         meta = quantized[key]
         module_name, _, param = key.rpartition(".")
@@ -228,7 +250,11 @@ def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             continue
         parts = {r: tensors.pop(f"{key}.{r}") for r in _ROLES if f"{key}.{r}" in tensors}
         qt = QuantizedTensor.from_tensors(meta, parts)
-        built[key] = (qt, attach(modules[module_name], param, qt, getattr(torch, meta["dtype"])))
+        module, dtype = modules[module_name], getattr(torch, meta["dtype"])
+        if packed and param == "weight" and key not in shared and module_name and packable(module, qt):
+            replace_module(model, module_name, QuantLinear(qt, module.bias, dtype))
+            continue
+        built[key] = (qt, attach(module, param, qt, dtype))
     for alias, source in manifest["aliases"].items():
         tensors[alias] = tensors[source]
     missing, unexpected = model.load_state_dict(tensors, strict=False)

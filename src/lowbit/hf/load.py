@@ -155,8 +155,11 @@ def _tokenizer(tf: Any, path: Path) -> Any:
     return tf.AutoTokenizer.from_pretrained(str(path))
 
 
-def load_lowbit(path: str | os.PathLike) -> Loaded:
-    """Rebuild a model saved by lowbit: skeleton from config.json, then the saved tensors."""
+def load_lowbit(path: str | os.PathLike, packed: bool = True) -> Loaded:
+    """Rebuild a model saved by lowbit: skeleton from config.json, then the saved tensors.
+
+    ``packed``: see ``lowbit.io.load_into``.
+    """
     from lowbit.io import load_into, read_manifest
 
     path = Path(path)
@@ -170,5 +173,5 @@ def load_lowbit(path: str | os.PathLike) -> Loaded:
     cls = getattr(tf, manifest["model"]["class"], None) or _model_class(tf, config)
     model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
     model = model.to(getattr(torch, manifest["model"]["dtype"])).eval()
-    load_into(model, path)  # the skeleton is already tied; tied quantized tensors share one QuantizedTensor
+    load_into(model, path, packed=packed)  # the skeleton is already tied; tied quantized tensors share one QuantizedTensor
     return Loaded(model, _tokenizer(tf, path), str(path), "lowbit")

@@ -1,0 +1,102 @@
+"""``QuantLinear``: a Linear layer whose weight stays packed in memory.
+
+It picks the fastest kernel that represents the weight exactly, in this order:
+
+* ``int8``    symmetric int8 per row or per tensor, ``aten._weight_int8pack_mm``
+  (``lowbit.nn.kernel_int8``);
+* ``int4``    integer formats of 2 to 4 bits in groups of a multiple of 32, per row or per
+  tensor, ``aten._weight_int4pack_mm_for_cpu`` (``lowbit.nn.kernel_int4``);
+* ``dequant`` anything else: dequantize-then-matmul by row chunks (``lowbit.nn.kernel_dequant``).
+
+The two CPU kernels compute in bf16; the dequant path in float32 equals the fake-quant model.
+Both int kernels need a CPU build of torch with those ops (2.6 or newer); elsewhere, or on
+another device, the dequant path runs.
+
+``QuantLinear`` serves ``nn.Linear`` (weight ``(out, in)``) and GPT-2's ``Conv1D`` (weight
+``(in, out)``): both compute ``x @ M.T + b`` with the matrix view ``M`` (out, in).
+``qtensor()`` rebuilds the ``QuantizedTensor`` (bit-exact) for saving and export.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.nn import kernel_dequant, kernel_int4, kernel_int8
+from lowbit.packing import pack
+from lowbit.qtensor import QuantizedTensor
+
+KERNELS = (kernel_int8, kernel_int4, kernel_dequant)
+
+
+def choose_kernel(qt: QuantizedTensor, allow: tuple[str, ...] = ("int8", "int4", "dequant")):
+    """The first kernel module of ``KERNELS`` named in ``allow`` that runs ``qt``."""
+    for k in KERNELS:
+        if k.NAME in allow and k.supports(qt) is None and _available(k.NAME):
+            return k
+    return kernel_dequant
+
+
+def _available(name: str) -> bool:
+    ops = {"int8": "_weight_int8pack_mm", "int4": "_weight_int4pack_mm_for_cpu", "dequant": None}[name]
+    return ops is None or hasattr(torch.ops.aten, ops)
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ Ŵᵀ + b`` with ``Ŵ`` held packed.
+
+    qt:    the QuantizedTensor of the weight (layout "rows" for Linear, "transposed" for Conv1D).
+    bias:  (out,) or None.
+    dtype: the compute dtype the model runs in; outputs come back in the input's dtype.
+    """
+
+    def __init__(self, qt: QuantizedTensor, bias: Tensor | None = None, dtype: torch.dtype = torch.float32,
+                 kernels: tuple[str, ...] = ("int8", "int4", "dequant")) -> None:
+        super().__init__()
+        if len(qt.shape) != 2 or qt.layout not in ("rows", "transposed"):
+            raise ValueError(f"QuantLinear needs a 2-D weight in layout rows or transposed, not {qt.shape} {qt.layout}")
+        self.out_features, self.in_features = qt.matrix_shape
+        self.spec, self.shape, self.layout, self.dtype = qt.spec, qt.shape, qt.layout, dtype
+        self.kernel = choose_kernel(qt, kernels)
+        tensors = {"codes": qt.packed} if self.kernel is kernel_dequant else self.kernel.pack(qt)
+        for name, t in tensors.items():
+            self.register_buffer(f"k_{name}", t, persistent=False)
+        self.register_buffer("q_scale", qt.scale, persistent=False)
+        self.register_buffer("q_zero", qt.zero, persistent=False)
+        self.register_buffer("q_global_scale", qt.global_scale, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {n[2:]: b for n, b in self.named_buffers(recurse=False) if n.startswith("k_")}
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.kernel is kernel_dequant:
+            y = kernel_dequant.matmul(x2, self.qtensor())
+        else:
+            y = self.kernel.matmul(x2, self._tensors())
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def qtensor(self) -> QuantizedTensor:
+        """The weight's QuantizedTensor, code for code (rebuilt from the kernel layout if needed)."""
+        if self.kernel is kernel_dequant:
+            return QuantizedTensor(self.spec, self.shape, self.layout, self.k_codes, self.q_scale, self.q_zero,
+                                   self.q_global_scale)
+        if self.kernel is kernel_int4:
+            codes = kernel_int4.codes(self._tensors(), self.in_features, self.spec.format)
+        else:
+            codes = kernel_int8.codes(self._tensors(), self.in_features)
+        packed = pack(codes.reshape(-1), self.spec.format.bits)
+        return QuantizedTensor(self.spec, self.shape, self.layout, packed, self.q_scale, self.q_zero,
+                               self.q_global_scale)
+
+    def nbytes(self) -> int:
+        """Bytes this layer holds in memory (kernel layout, scales, bias)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers()) + (
+            0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"spec={self.spec.format.name}, kernel={self.kernel.NAME}, bias={self.bias is not None}")
