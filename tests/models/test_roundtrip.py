@@ -37,9 +37,12 @@ def test_hf_roundtrip_identical_logits(name, scheme, tmp_path):
     assert not torch.equal(before, quantized)  # something was quantized...
     assert torch.allclose(before, quantized, atol=0.5)  # ...and the model still computes sensibly
     lowbit.save(model, tmp_path / "q")
-    reloaded = lowbit.load(tmp_path / "q")
+    reloaded = lowbit.load(tmp_path / "q", packed=False)  # the fake-quant reference
     assert type(reloaded) is type(model)
     assert torch.equal(families.output(reloaded, x), quantized)
+    packed = lowbit.load(tmp_path / "q")  # packed kernels compute in bf16: within 2% of the output's scale
+    got = families.output(packed, x)
+    assert (got - quantized).abs().max() <= 0.02 * quantized.abs().max()
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
@@ -50,7 +53,9 @@ def test_block_scaled_and_float_roundtrip(name, scheme, tmp_path):
     lowbit.quantize(model, scheme, progress=False)
     quantized = families.output(model, x)
     lowbit.save(model, tmp_path / "q")
-    assert torch.equal(families.output(lowbit.load(tmp_path / "q"), x), quantized)
+    assert torch.equal(families.output(lowbit.load(tmp_path / "q", packed=False), x), quantized)
+    packed = families.output(lowbit.load(tmp_path / "q"), x)  # the dequant kernel: float32, chunked matmul
+    assert torch.allclose(packed, quantized, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
@@ -63,7 +68,7 @@ def test_plain_module_roundtrip(name, tmp_path):
     with pytest.raises(lowbit.LowbitError, match="plain PyTorch module"):
         lowbit.load(tmp_path / "q")
     torch.manual_seed(123)  # a fresh skeleton with other random weights
-    reloaded = lowbit.load(tmp_path / "q", model=build(name))
+    reloaded = lowbit.load(tmp_path / "q", model=build(name), packed=False)
     assert torch.equal(families.output(reloaded, x), quantized)
 
 
