@@ -23,7 +23,8 @@ def run_demo(console: Console, scheme: str, windows: int, seq_len: int, out: Pat
     from lowbit.errors import LowbitError
     from lowbit.eval import eval_text
     from lowbit.hf.load import load_lowbit, load_model
-    from lowbit.report import greedy
+    from lowbit.nn import kernel_counts
+    from lowbit.report import timed_greedy
     from lowbit.schemes import describe, parse_scheme
 
     spec = parse_scheme(scheme)
@@ -40,12 +41,21 @@ def run_demo(console: Console, scheme: str, windows: int, seq_len: int, out: Pat
     with tempfile.TemporaryDirectory() as tmp:
         folder = out or Path(tmp) / "quantized"
         api.save(quant, folder, tokenizer=tok, overwrite=overwrite)
-        reloaded = load_lowbit(folder).model  # evaluate what was saved, not what is in memory
+        # evaluate what was saved, not what is in memory: the float32 fake-quant model for the
+        # scores (batched windows run fastest in float32), the packed model for generation
+        reloaded = load_lowbit(folder, packed=False).model
         numbers = compare(model, reloaded, tok, folder, seconds, eval_text(None), seq_len=seq_len, windows=windows)
+        packed = load_lowbit(folder).model
     print_comparison(console, numbers, title=original.name, scheme=describe(spec))
     console.print(f"[bold]prompt[/]: {PROMPT}")
-    console.print(f"[bold]original[/]:  {greedy(model, tok, PROMPT)}")
-    console.print(f"[bold]quantized[/]: {greedy(reloaded, tok, PROMPT)}")
+    text, before = timed_greedy(model, tok, PROMPT)
+    console.print(f"[bold]original[/]:  {text}")
+    text, after = timed_greedy(packed, tok, PROMPT)
+    console.print(f"[bold]quantized[/]: {text}")
+    kernels = ", ".join(f"{n} layers on {k}" for k, n in sorted(kernel_counts(packed).items())) or "no packed layers"
+    console.print(f"decode speed: {before:.1f} tok/s original, {after:.1f} tok/s quantized ({kernels}); "
+                  "python3 bench/decode.py measures it properly")
+    numbers["decode_tok_s"] = {"before": before, "after": after}
     return numbers
 
 

@@ -71,7 +71,7 @@ def run_quantize(console: Console, a: QuantizeArgs) -> None:
 
         original = original if original is not None else load_model(a.model, allow_pickle=a.allow_pickle).model
         check_fits(original, a.seq_len)
-        reloaded = load_lowbit(a.out).model  # evaluate what was saved, not what is in memory
+        reloaded = load_lowbit(a.out, packed=False).model  # what was saved, as the float32 fake-quant model
         numbers["eval"] = compare(original, reloaded, tokenizer, a.out, numbers["quantize_seconds"], text,
                                   str(a.corpus) if a.corpus else "pydoc evaluation half", a.seq_len, a.windows)
         print_comparison(console, numbers["eval"], title=name, scheme=describe(spec))

@@ -41,15 +41,26 @@ def bits_per_weight(model: nn.Module) -> float | None:
 
 def greedy(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 32) -> str:
     """One greedy completion; chat models get their chat template."""
+    return timed_greedy(model, tokenizer, prompt, max_new_tokens)[0]
+
+
+def timed_greedy(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 32) -> tuple[str, float]:
+    """One greedy completion and its decode speed in tokens/s (prompt prefill included)."""
+    import time
+
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.inference_mode():
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.eos_token_id)  # warm-up
+        t0 = time.perf_counter()
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        seconds = time.perf_counter() - t0
+    made = out.shape[1] - ids.shape[1]
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip(), made / seconds
 
 
 def manifest_bits_per_weight(folder: str | os.PathLike) -> float | None:

@@ -48,6 +48,7 @@ from torch import Tensor
 
 from lowbit.errors import LowbitError
 from lowbit.export._write import atomic_file
+from lowbit.formats.base import QParams
 from lowbit.qtensor import QuantizedTensor, scale_storage
 from lowbit.spec import PerGroup
 
@@ -134,8 +135,29 @@ class Entry:
 
     def values(self) -> np.ndarray:
         """The float32 values llama.cpp must read back: lowbit's dequantization, reordered."""
-        x = self.source.dequantize(torch.float32) if isinstance(self.source, QuantizedTensor) else self.source.float()
+        x = dequantize(self.source) if isinstance(self.source, QuantizedTensor) else self.source.float()
         return (x if self.rows is None else x[self.rows]).numpy()
+
+
+def codes(qt: QuantizedTensor) -> Tensor:
+    """(rows, cols) uint8 codes of ``qt``; numpy unpacks 1, 2, 4 and 8 bits (lowbit.packing order,
+    low bits first) about 20x faster than torch's uint8 shifts."""
+    bits = qt.spec.format.bits
+    if 8 % bits:
+        return qt.codes()
+    rows, cols = qt.matrix_shape
+    p, mask = qt.packed.numpy(), 2**bits - 1
+    c = np.stack([(p >> (j * bits)) & mask for j in range(8 // bits)], axis=1)  # (nbytes, 8/bits)
+    return torch.from_numpy(c.reshape(-1)[: rows * cols].reshape(rows, cols))
+
+
+def dequantize(qt: QuantizedTensor) -> Tensor:
+    """``qt.dequantize()`` for the exportable specs (groups of 32 filling whole rows): the format's
+    own dequantize on ``(rows·cols/32, 32)`` blocks, without unpacking the codes twice."""
+    rows, cols = qt.matrix_shape
+    zero = None if qt.zero is None else qt.zero.reshape(-1, 1)
+    qp = QParams(qt.scale.reshape(-1, 1), zero)  # (rows·cols/32, 1): the grid in row-major block order
+    return qt.spec.format.dequantize(codes(qt).reshape(-1, BLOCK), qp).reshape(rows, cols)
 
 
 def _sources(path: Path, manifest: dict) -> dict[str, QuantizedTensor | Tensor]:
@@ -166,7 +188,7 @@ def _natural(key: str) -> list:
 def _entry(name: str, key: str, source: QuantizedTensor | Tensor, rows: Tensor | None) -> Entry:
     if isinstance(source, QuantizedTensor):
         qtype = gguf_type(key, source)
-        data = pack_blocks(source.codes(), source.scale, source.zero, qtype)
+        data = pack_blocks(codes(source), source.scale, source.zero, qtype)
     elif source.dim() == 1 or source.dtype not in (torch.float16, torch.bfloat16):
         qtype, data = "F32", source.float().numpy()
     elif source.dtype == torch.float16:

@@ -1,35 +1,35 @@
 """ONNX export in QDQ form: integer (or fp8) weights feeding ``DequantizeLinear`` (opset 21).
 
-The model is exported by ``torch.onnx.export`` (the torch.export-based exporter) with the
-dequantized weights it computes with; each of those float initializers is then found by value
-(as it is, or transposed, as the exporter lays out MatMul weights) and replaced by codes, a
-float32 scale, an optional zero point and a ``DequantizeLinear`` whose output keeps the
-initializer's name, so every consumer reads the same numbers as lowbit's reference path:
+``torch.onnx.export`` (the torch.export-based exporter) writes the model with the dequantized
+weights it computes with; each of those float initializers is then found by value (as it is,
+or transposed, the exporter's layout for MatMul) and replaced by codes, a float32 scale, an
+optional zero point and a ``DequantizeLinear`` whose output keeps the initializer's name:
 
-==================  ========================  ===============================================
-lowbit              ONNX codes                DequantizeLinear
-==================  ========================  ===============================================
-int2 .. int4        int4  (q = code - 2^(b-1)) no zero point
-int5 .. int8        int8                       no zero point
-uint2 .. uint4      uint4                      uint4 zero point (integer ``zero="int"``)
-uint5 .. uint8      uint8                      uint8 zero point
-fp8_e4m3fn / e5m2   float8e4m3fn / float8e5m2  no zero point
-tensor              scalar scale
-channel             scale (rows,), ``axis`` = the output dimension
-gN / bRxC           scale per group, ``axis`` = the input dimension, ``block_size`` = N
-                    (a partial last group is allowed; bRxC tiles repeat their scale per row)
-==================  ========================  ===============================================
+=================  ========================  ==============================================
+lowbit             ONNX codes                DequantizeLinear
+=================  ========================  ==============================================
+int2 .. int4       int4 (q = code - 2^(b-1))  no zero point
+int5 .. int8       int8                      no zero point
+uint2 .. uint4     uint4                     uint4 zero point (integer zeros only)
+uint5 .. uint8     uint8                     uint8 zero point
+fp8_e4m3fn, e5m2   float8e4m3fn, float8e5m2  no zero point
+tensor                                       scalar scale
+channel                                      scale (rows,), ``axis`` = output dimension
+gN, bRxC                                     ``axis`` = input dimension, ``block_size`` = N
+=================  ========================  ==============================================
 
-``(q - zero) * scale`` in float32 is exactly lowbit's ``QuantizedTensor.dequantize()``: the scale
-values lowbit holds are float32 numbers, and both compute one subtraction and one product. A
-conv weight grouped along its flattened ``in·kh·kw`` columns is dequantized as a matrix and
+A partial last group is allowed; a bRxC tile's scale is repeated on each of its rows. A conv
+weight grouped along its flattened ``in·kh·kw`` columns is dequantized as a matrix and
 reshaped; a weight the model computes with in float16 / bfloat16 gets a ``Cast``.
+``(q - zero) * scale`` in float32 equals ``QuantizedTensor.dequantize()`` bit for bit: lowbit's
+scales are float32 numbers and both compute one subtraction and one product.
 """
 from __future__ import annotations
 
 import hashlib
 import inspect
 import logging
+import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,44 +52,45 @@ _FLOATS = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}  # torch dty
 
 
 class _ExportFailed(LowbitError):
-    """torch.onnx.export itself failed (as opposed to a scheme ONNX cannot hold)."""
+    """torch.onnx.export itself failed; ``converting``: in the ONNX translation (not in torch.export)."""
+
+    def __init__(self, message: str, converting: bool):
+        super().__init__(message)
+        self.converting = converting
 
 
 @dataclass(frozen=True)
 class _Entry:
     key: str  # "<module>.<param>"
     qt: Any  # QuantizedTensor
-    weight: torch.Tensor  # what the module computes with (qt dequantized to its dtype)
+    weight: torch.Tensor  # what the module computes with: qt dequantized to its dtype
 
 
 def export(path: Path, out: Path, overwrite: bool = False) -> Path:
-    """Export the Hugging Face model saved by lowbit at ``path``: ``input_ids -> logits`` in float32.
+    """Export the Hugging Face model saved by lowbit at ``path``: ``input_ids -> logits``, float32.
 
-    No KV cache; batch and sequence axes are dynamic where the model allows (else fixed, with a
-    warning). Models without logits (a bare encoder) export their first output.
+    No KV cache; batch and sequence axes are dynamic where the model allows (else fixed at
+    (2, 8), with a warning). A model without logits (a bare encoder) exports its first output.
     """
+    from lowbit.hf.load import load_lowbit
     from lowbit.io import read_manifest
 
-    path, out = Path(path), Path(out)
+    path = Path(path)
     if read_manifest(path)["model"]["kind"] != "hf":
-        raise LowbitError(
-            f"{path} holds a plain PyTorch module, which cannot be rebuilt without its code; in Python, "
-            "rebuild it, call lowbit.load(path, model=skeleton), then "
-            "lowbit.export.onnx.export_module(model, example_inputs, out)"
-        )
-    from lowbit.hf.load import load_lowbit
-
-    packed = {"packed": False} if "packed" in inspect.signature(load_lowbit).parameters else {}
-    model = _as_float32(load_lowbit(path, **packed).model)  # the reference path: modules compute with Ŵ
+        raise LowbitError(f"{path} holds a plain PyTorch module, which cannot be rebuilt without its code; in "
+                          "Python, rebuild it, call lowbit.load(path, model=skeleton), then "
+                          "lowbit.export.onnx.export_module(model, example_inputs, out)")
+    model = _as_float32(load_lowbit(path, packed=False).model)  # the reference path: modules compute with Ŵ
     wrapper = _InputIds(model).eval()
-    vocab = int(getattr(model.config, "vocab_size", 2) or 2)
-    ids = torch.arange(16).reshape(2, 8) % vocab  # batch 2, sequence 8: neither is specialized as 0/1
+    ids = torch.arange(16).reshape(2, 8) % int(getattr(model.config, "vocab_size", 2))  # no 0/1 axes
     names = {"input_names": ["input_ids"], "output_names": [wrapper.output_name(ids)]}
     dims = {"input_ids": {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}}
     try:
         return export_module(wrapper, (ids,), out, overwrite, dynamic_shapes=dims, **names)
     except _ExportFailed as e:
-        logging.getLogger(__name__).warning("dynamic batch/sequence axes failed (%s); exporting fixed shape (2, 8)", e)
+        if e.converting:  # an operator ONNX lacks: fixed shapes would not help
+            raise
+        logging.getLogger(__name__).warning("dynamic batch/sequence axes failed (%s); exporting shape (2, 8)", e)
         return export_module(wrapper, (ids,), out, overwrite, **names)
 
 
@@ -98,17 +99,15 @@ def export_module(model: nn.Module, example_inputs: tuple, out: Path, overwrite:
                   output_names: list[str] | None = None) -> Path:
     """Export a lowbit-quantized ``model`` (in memory) traced on ``example_inputs`` to ``out``.
 
-    ``dynamic_shapes`` goes to ``torch.onnx.export`` as it is. Every quantized weight must be
-    representable (``SUPPORTED``) and must appear unchanged in the exported graph. Same model
-    and inputs give the same bytes. Returns ``out``.
+    ``dynamic_shapes``, ``input_names`` and ``output_names`` go to ``torch.onnx.export``. Every
+    quantized weight must be representable (``SUPPORTED``) and appear unchanged in the exported
+    graph. Same model and inputs give the same bytes. Returns ``out``.
     """
     onnx = _onnx()
     if opset < MIN_OPSET:
         raise LowbitError(f"opset {opset} is too old for int4 and blocked DequantizeLinear; use {MIN_OPSET} or newer")
     entries = _entries(model)
-    if not isinstance(example_inputs, tuple):
-        example_inputs = (example_inputs,)
-    out = Path(out)
+    example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     with atomic_file(out, overwrite) as tmp:
         proto = _torch_export(model, example_inputs, opset, dynamic_shapes, input_names, output_names)
         _rewrite(proto, entries)
@@ -118,7 +117,7 @@ def export_module(model: nn.Module, example_inputs: tuple, out: Path, overwrite:
             raise LowbitError(f"the ONNX model would be {proto.ByteSize() / 2**30:.1f} GiB; a single .onnx file "
                               "holds at most 2 GiB (external data is not supported yet)")
         tmp.write_bytes(proto.SerializeToString())
-    return out
+    return Path(out)
 
 
 # --- what gets replaced ---------------------------------------------------------------------
@@ -141,7 +140,7 @@ def _entries(model: nn.Module) -> list[_Entry]:
         weight = getattr(module, param, None)
         if not isinstance(weight, torch.Tensor):
             raise LowbitError(f"{key} is held packed by {type(module).__name__}; ONNX export traces the reference "
-                              "model: load it with lowbit.load(path, packed=False)")
+                              "model: export before lowbit.nn.pack_model, or load with lowbit.load(path, packed=False)")
         if weight.dtype not in _FLOATS:
             raise LowbitError(f"{key} computes in {weight.dtype}; ONNX export needs float32, float16 or bfloat16")
         entries.append(_Entry(key, qt, weight.detach()))
@@ -151,7 +150,7 @@ def _entries(model: nn.Module) -> list[_Entry]:
 
 
 def _element(qt) -> str | None:
-    """The ml_dtypes / numpy name of the ONNX code type for ``qt``, or None if ONNX has none."""
+    """The ml_dtypes / numpy name of the ONNX code type for ``qt``, or None where ONNX has none."""
     from lowbit.formats.float import FloatFormat
     from lowbit.formats.int import IntFormat
 
@@ -160,10 +159,9 @@ def _element(qt) -> str | None:
         return None
     if type(fmt) is IntFormat and (fmt.symmetric or fmt.zero == "int"):
         return ("int" if fmt.symmetric else "uint") + ("4" if fmt.bits <= 4 else "8")
-    if type(fmt) is FloatFormat and (fmt.exp, fmt.man, fmt.special) == (4, 3, "fn") and fmt.bias == 7:
-        return "float8_e4m3fn"
-    if type(fmt) is FloatFormat and (fmt.exp, fmt.man, fmt.special) == (5, 2, "ieee") and fmt.bias == 15:
-        return "float8_e5m2"
+    if type(fmt) is FloatFormat:
+        return {(4, 3, 7, "fn"): "float8_e4m3fn", (5, 2, 15, "ieee"): "float8_e5m2"}.get(
+            (fmt.exp, fmt.man, fmt.bias, fmt.special))
     return None
 
 
@@ -174,9 +172,12 @@ def _torch_export(model, example_inputs, opset, dynamic_shapes, input_names, out
             program = torch.onnx.export(model, example_inputs, dynamo=True, opset_version=opset, optimize=True,
                                         verbose=False, dynamic_shapes=dynamic_shapes, input_names=input_names,
                                         output_names=output_names)
-        except Exception as e:  # noqa: BLE001 - the exporter raises many types; report its first line once
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise _ExportFailed(f"torch.onnx.export failed on {type(model).__name__}: {reason}") from None
+        except Exception as e:  # noqa: BLE001 - the exporter raises many types; report its summary once
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).partition("## Exception summary")
+            reason = ((text[2] or text[0]).strip().splitlines() or [type(e).__name__])[0][:300]
+            name = type(model.model if isinstance(model, _InputIds) else model).__name__
+            raise _ExportFailed(f"torch.onnx.export failed on {name}: {reason}",
+                                converting=type(e).__name__ == "ConversionError") from None
     proto = program.model_proto
     version = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if version < MIN_OPSET:
@@ -213,29 +214,26 @@ def _clean_metadata(proto) -> None:
 
 
 # --- the QDQ rewrite ----------------------------------------------------------------------
-def _fingerprint(dtype: int, shape: tuple[int, ...], data: bytes) -> tuple:
-    return dtype, tuple(shape), hashlib.sha256(data).digest()
-
-
 def _rewrite(proto, entries: list[_Entry]) -> None:
     """Replace every initializer equal to a quantized weight (or its transpose) by QDQ nodes."""
     from onnx import numpy_helper
 
-    index: dict[tuple, list[str]] = {}
+    index: dict[tuple, list[str]] = {}  # (type, dims, sha256 of the bytes) -> initializer names
     for init in proto.graph.initializer:
         if init.data_type in _FLOATS.values():
             data = init.raw_data if init.HasField("raw_data") else numpy_helper.to_array(init).tobytes()
-            index.setdefault(_fingerprint(init.data_type, init.dims, data), []).append(init.name)
+            index.setdefault((init.data_type, tuple(init.dims), hashlib.sha256(data).digest()), []).append(init.name)
     found: dict[str, tuple[_Entry, bool]] = {}  # initializer name -> (entry, holds the transpose)
     for entry in entries:
-        hits = [(name, t) for t, w in _orientations(entry.weight) for name in index.get(_key_of(w), [])]
+        w = entry.weight
+        views = [(False, w), (True, w.t())] if w.dim() == 2 else [(False, w)]
+        hits = [(name, t) for t, v in views for name in index.get(_fingerprint(v), [])]
         if not hits:
             raise LowbitError(f"{entry.key} is not a constant of the exported graph (unused by forward, or "
                               "folded into another constant by the exporter); it cannot be exported as QDQ")
         for name, t in hits:
             found.setdefault(name, (entry, t))
-    nodes, inits = [], []
-    counts: dict[str, int] = {}
+    nodes, inits, counts = [], [], {}
     for init in proto.graph.initializer:  # graph order: deterministic
         if init.name in found:
             entry, t = found[init.name]
@@ -246,16 +244,12 @@ def _rewrite(proto, entries: list[_Entry]) -> None:
     proto.graph.initializer.extend(kept + inits)
     body = list(proto.graph.node)
     del proto.graph.node[:]
-    proto.graph.node.extend(nodes + body)
+    proto.graph.node.extend(nodes + body)  # initializers only feed them: topological order holds
 
 
-def _orientations(w: torch.Tensor) -> list[tuple[bool, torch.Tensor]]:
-    return [(False, w), (True, w.t())] if w.dim() == 2 else [(False, w)]
-
-
-def _key_of(w: torch.Tensor) -> tuple:
+def _fingerprint(w: torch.Tensor) -> tuple:
     data = w.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    return _fingerprint(_FLOATS[w.dtype], tuple(w.shape), data)
+    return _FLOATS[w.dtype], tuple(w.shape), hashlib.sha256(data).digest()
 
 
 def _qdq(entry: _Entry, transposed: bool, output: str, prefix: str, inits: list, nodes: list) -> None:
@@ -263,18 +257,17 @@ def _qdq(entry: _Entry, transposed: bool, output: str, prefix: str, inits: list,
     from onnx import helper, numpy_helper
 
     qt, shape = entry.qt, tuple(entry.weight.t().shape if transposed else entry.weight.shape)
-    flip = (qt.layout == "transposed") != transposed  # graph tensor = matrix view transposed
+    flip = (qt.layout == "transposed") != transposed  # the graph holds the matrix view transposed
     codes, scale, zero, attrs = _qparams(qt, flip, shape)
     names = [f"{prefix}_quantized", f"{prefix}_scale"] + ([f"{prefix}_zero_point"] if zero is not None else [])
     inits += [numpy_helper.from_array(np.ascontiguousarray(a), n) for a, n in zip((codes, scale, zero), names)]
-    reshape = codes.shape != shape
-    cast = entry.weight.dtype != torch.float32
+    reshape, cast = codes.shape != shape, entry.weight.dtype != torch.float32
     y = f"{prefix}_dequantized" if reshape or cast else output
     nodes.append(helper.make_node("DequantizeLinear", names, [y], name=f"{prefix}/DequantizeLinear", **attrs))
     if reshape:
         inits.append(numpy_helper.from_array(np.array(shape, dtype=np.int64), f"{prefix}_shape"))
-        z, y = y, (f"{prefix}_reshaped" if cast else output)
-        nodes.append(helper.make_node("Reshape", [z, f"{prefix}_shape"], [y], name=f"{prefix}/Reshape"))
+        x, y = y, (f"{prefix}_reshaped" if cast else output)
+        nodes.append(helper.make_node("Reshape", [x, f"{prefix}_shape"], [y], name=f"{prefix}/Reshape"))
     if cast:
         nodes.append(helper.make_node("Cast", [y], [output], name=f"{prefix}/Cast", to=_FLOATS[entry.weight.dtype]))
 
@@ -282,22 +275,23 @@ def _qdq(entry: _Entry, transposed: bool, output: str, prefix: str, inits: list,
 def _qparams(qt, flip: bool, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
     """(codes, scale, zero, DequantizeLinear attributes) for a graph tensor of ``shape``.
 
-    Works on the (rows, cols) matrix view, transposed when ``flip``; the result is the graph
-    shape itself where DequantizeLinear can say so, else the matrix (the caller reshapes).
+    From the (rows, cols) matrix view, transposed when ``flip``. Codes come out in ``shape``
+    where DequantizeLinear can express the grouping on it, else as the matrix (to be reshaped).
     """
     rows, cols = qt.matrix_shape
     tr, tc = qt.tile
     codes = _codes(qt)  # (rows, cols)
-    scale, zero = _per_row(qt.scale, tr, rows), None if qt.zero is None else _per_row(qt.zero, tr, rows)
-    zero = None if zero is None else zero.astype(codes.dtype)
-    if qt.scale.shape == (1, 1):  # one scale (and zero) for the whole tensor
+    scale = _per_row(qt.scale, tr, rows)  # (rows, groups per row), or (1, 1)
+    zero = None if qt.zero is None else _per_row(qt.zero, tr, rows).astype(codes.dtype)
+    if scale.shape == (1, 1):  # one scale (and zero) for the whole tensor
         codes = codes.T if flip else codes.reshape(shape)
-        return codes, np.asarray(scale[0, 0]), None if zero is None else np.asarray(zero[0, 0]), {}
+        return codes, scale.reshape(()), None if zero is None else zero.reshape(()), {}
     row_axis = 1 if flip else 0
     if scale.shape[1] == 1:  # one scale per output row
-        if not flip and len(shape) > 2 and qt.layout == "rows":
-            codes = codes.reshape(shape)  # conv (out, in, kh, kw): per-channel along axis 0
-        codes = codes.T if flip else codes
+        if flip:
+            codes = codes.T
+        elif len(shape) > 2 and qt.layout == "rows":
+            codes = codes.reshape(shape)  # conv (out, in, kh, kw): per channel along axis 0
         return codes, scale[:, 0], None if zero is None else zero[:, 0], {"axis": row_axis}
     if flip:
         codes, scale, zero = codes.T, scale.T, None if zero is None else zero.T
@@ -305,7 +299,7 @@ def _qparams(qt, flip: bool, shape: tuple[int, ...]) -> tuple[np.ndarray, np.nda
 
 
 def _per_row(grid: torch.Tensor, tile_rows: int, rows: int) -> np.ndarray:
-    """(grid_rows, grid_cols) -> (rows, grid_cols) float32: a tile's scale repeated on each of its rows."""
+    """(grid_rows, grid_cols) -> (rows, grid_cols) float32: a tile's value repeated on each of its rows."""
     if tile_rows > 1 and grid.shape != (1, 1):
         grid = grid.repeat_interleave(tile_rows, dim=0)[:rows]
     return grid.to(torch.float32).numpy()
@@ -317,15 +311,14 @@ def _codes(qt) -> np.ndarray:
 
     element, fmt = _element(qt), qt.spec.format
     codes = qt.codes().numpy()
-    if element.startswith("float8"):
+    if element.startswith("float8"):  # lowbit's minifloat codes are the OCP bit patterns
         return codes.view(getattr(ml_dtypes, element))
     if fmt.symmetric:
         codes = codes.astype(np.int16) - 2 ** (fmt.bits - 1)
-    target = {"int4": ml_dtypes.int4, "uint4": ml_dtypes.uint4, "int8": np.int8, "uint8": np.uint8}[element]
-    return codes.astype(target)
+    return codes.astype({"int4": ml_dtypes.int4, "uint4": ml_dtypes.uint4, "int8": np.int8, "uint8": np.uint8}[element])
 
 
-# --- helpers ------------------------------------------------------------------------------
+# --- Hugging Face models ---------------------------------------------------------------------
 def _onnx():
     try:
         import onnx
@@ -337,10 +330,10 @@ def _onnx():
 
 
 def _as_float32(model: nn.Module) -> nn.Module:
-    """Cast ``model`` to float32 with its quantized weights dequantized afresh in float32 (exact)."""
+    """Cast ``model`` to float32, its quantized weights dequantized afresh in float32 (exact)."""
     from lowbit.apply import attach, quantized_tensors
 
-    rows = list(quantized_tensors(model))
+    rows = [r for r in quantized_tensors(model) if r[3] != torch.float32]  # float32 ones are exact already
     model.float()
     shared: dict[int, torch.Tensor] = {}
     for module_name, param, qt, _ in rows:
@@ -354,17 +347,15 @@ class _InputIds(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        params = inspect.signature(model.forward).parameters
-        self.kwargs = {"use_cache": False} if "use_cache" in params else {}
+        self.kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, **self.kwargs)
         return out.logits if getattr(out, "logits", None) is not None else out[0]
 
     def output_name(self, input_ids: torch.Tensor) -> str:
-        """"logits", or the name of the model's first output (one eager forward on ``input_ids``)."""
+        """"logits", else the name of the model's first output (one eager forward)."""
         with torch.no_grad():
             out = self.model(input_ids=input_ids, **self.kwargs)
         keys = list(out.keys()) if hasattr(out, "keys") else ["output"]
         return "logits" if "logits" in keys else keys[0]
-

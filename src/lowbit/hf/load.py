@@ -45,15 +45,17 @@ def transformers():
     return tf
 
 
-def load_model(source: str | os.PathLike, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> Loaded:
+def load_model(source: str | os.PathLike, dtype: torch.dtype | None = None, allow_pickle: bool = False,
+               packed: bool = True) -> Loaded:
     """Load ``source`` (see the module docstring) for quantization or evaluation.
 
     ``dtype=None`` keeps a Hugging Face checkpoint's own dtype (bf16 stays bf16) and gives
-    float32 for GGUF files, whose tensors transformers dequantizes. Anything transformers cannot
+    float32 for GGUF files, whose tensors transformers dequantizes. ``packed`` applies to lowbit
+    folders (see ``lowbit.io.load_into``). Anything transformers cannot
     read becomes a ``LowbitError`` that names the path.
     """
     try:
-        return _load(source, dtype, allow_pickle)
+        return _load(source, dtype, allow_pickle, packed)
     except LowbitError:
         raise
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad folder; name it once
@@ -64,7 +66,7 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | None = None, allo
         ) from None
 
 
-def _load(source: str | os.PathLike, dtype: torch.dtype | None, allow_pickle: bool) -> Loaded:
+def _load(source: str | os.PathLike, dtype: torch.dtype | None, allow_pickle: bool, packed: bool = True) -> Loaded:
     text = str(source)
     if text.lower() in SHORT_NAMES:
         return _load_short(text.lower(), dtype)
@@ -79,7 +81,7 @@ def _load(source: str | os.PathLike, dtype: torch.dtype | None, allow_pickle: bo
             raise LowbitError(f"{path} is a file but not a .gguf; give a model folder or a .gguf file")
         return _load_gguf(path.parent, path.name, dtype, kind="gguf")
     if (path / "lowbit.json").is_file():
-        return load_lowbit(path)
+        return load_lowbit(path, packed=packed)
     return _load_folder(path, dtype, allow_pickle)
 
 
