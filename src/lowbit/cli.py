@@ -147,7 +147,7 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Output: a folder for compressed-tensors, a file for gguf/onnx."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
-    """Export a lowbit folder for the runtime people deploy on; written atomically, read back to check."""
+    """Export a lowbit folder for vLLM (compressed-tensors), llama.cpp (GGUF) or onnxruntime (ONNX QDQ); atomic."""
     from lowbit.export import TARGETS, export as run_export
 
     if to not in TARGETS:
