@@ -78,7 +78,7 @@ def pack(qt: QuantizedTensor) -> dict[str, Tensor]:
     sz = torch.zeros(k_pad // kg, n_pad, 2, dtype=torch.float32)
     sz[:, :rows, 0], sz[:, :rows, 1] = scale.t(), offset.t()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w, 2)
-    return {"w": packed, "sz": sz.to(torch.bfloat16), "kg": torch.tensor(kg), "n": torch.tensor(rows)}
+    return {"w": packed, "sz": sz.to(torch.bfloat16)}
 
 
 def _per_kernel_group(grid: Tensor, qt: QuantizedTensor, kg: int, k_pad: int) -> Tensor:
@@ -90,24 +90,29 @@ def _per_kernel_group(grid: Tensor, qt: QuantizedTensor, kg: int, k_pad: int) ->
     return grid.expand(rows, grid.shape[1])[:, idx] if grid.shape[0] == 1 else grid[:, idx]
 
 
-def matmul(x: Tensor, t: dict[str, Tensor]) -> Tensor:
-    """x (M, K) float -> (M, N) float32."""
-    kg, sz = int(t["kg"]), t["sz"]
+def _geometry(t: dict[str, Tensor]) -> tuple[int, int]:
+    """(kg, K_pad) from the packed shapes: w is (N_pad, K_pad/2), sz (K_pad/kg, N_pad, 2)."""
+    k_pad = t["w"].shape[1] * 2
+    return k_pad // t["sz"].shape[0], k_pad
+
+
+def matmul(x: Tensor, t: dict[str, Tensor], n: int) -> Tensor:
+    """x (M, K) float -> (M, n) bf16; ``n`` is the true output count (rows beyond are padding)."""
+    kg, k_pad = _geometry(t)
     xb = x.to(torch.bfloat16)
-    k_pad = sz.shape[0] * kg
     if xb.shape[1] != k_pad:
         xb = torch.nn.functional.pad(xb, (0, k_pad - xb.shape[1]))
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), t["w"], kg, sz)
-    return y[:, :int(t["n"])].to(torch.float32)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), t["w"], kg, t["sz"])
+    return y if y.shape[1] == n else y[:, :n]
 
 
-def codes(t: dict[str, Tensor], cols: int, fmt: IntFormat) -> Tensor:
-    """(N, cols) uint8 lowbit codes read back through the kernel itself.
+def codes(t: dict[str, Tensor], cols: int, n: int, fmt: IntFormat) -> Tensor:
+    """(n, cols) uint8 lowbit codes read back through the kernel itself.
 
     With unit scales and zero offsets the kernel returns ``c - 8`` for a one-hot input; the
     values -8..7 are exact in bf16, so this recovers every code exactly.
     """
-    kg, n = int(t["kg"]), int(t["n"])
+    kg, _ = _geometry(t)
     unit = torch.zeros_like(t["sz"])
     unit[..., 0] = 1
     k_pad = unit.shape[0] * kg

@@ -44,18 +44,18 @@ def pack(qt: QuantizedTensor) -> dict[str, Tensor]:
     pad = -cols % _K_MULTIPLE
     if pad:
         w = torch.cat([w, w.new_zeros(rows, pad)], dim=1)
-    s = qt.scale.reshape(-1, 1).expand(rows, 1) if qt.scale.numel() == 1 else qt.scale.reshape(rows, 1)
-    return {"w": w.contiguous(), "s": s.to(torch.float32).contiguous()}
+    s = qt.scale.reshape(-1).expand(rows) if qt.scale.numel() == 1 else qt.scale.reshape(rows)
+    return {"w": w.contiguous(), "s": s.to(torch.float32).contiguous(),
+            "ones": torch.ones(rows, dtype=torch.bfloat16)}
 
 
 def matmul(x: Tensor, t: dict[str, Tensor]) -> Tensor:
-    """x (M, K) float -> (M, N) float32."""
+    """x (M, K) float -> (M, N) float32 (bf16 kernel output times float32 scales)."""
     w = t["w"]
     xb = x.to(torch.bfloat16)
     if xb.shape[1] != w.shape[1]:
         xb = torch.nn.functional.pad(xb, (0, w.shape[1] - xb.shape[1]))
-    ones = torch.ones(w.shape[0], dtype=torch.bfloat16)
-    return torch.ops.aten._weight_int8pack_mm(xb, w, ones).to(torch.float32) * t["s"].reshape(1, -1)
+    return torch.ops.aten._weight_int8pack_mm(xb, w, t["ones"]) * t["s"]
 
 
 def codes(t: dict[str, Tensor], cols: int) -> Tensor:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lowbit.errors import LowbitError
 from lowbit.nn import kernel_dequant, kernel_int4, kernel_int8
 from lowbit.packing import pack
 from lowbit.qtensor import QuantizedTensor
@@ -53,7 +54,7 @@ class QuantLinear(nn.Module):
                  kernels: tuple[str, ...] = ("int8", "int4", "dequant")) -> None:
         super().__init__()
         if len(qt.shape) != 2 or qt.layout not in ("rows", "transposed"):
-            raise ValueError(f"QuantLinear needs a 2-D weight in layout rows or transposed, not {qt.shape} {qt.layout}")
+            raise LowbitError(f"QuantLinear needs a 2-D weight in layout rows or transposed, not {qt.shape} {qt.layout}")
         self.out_features, self.in_features = qt.matrix_shape
         self.spec, self.shape, self.layout, self.dtype = qt.spec, qt.shape, qt.layout, dtype
         self.kernel = choose_kernel(qt, kernels)
@@ -64,17 +65,20 @@ class QuantLinear(nn.Module):
         self.register_buffer("q_zero", qt.zero, persistent=False)
         self.register_buffer("q_global_scale", qt.global_scale, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        self._names = tuple(tensors)
 
     def _tensors(self) -> dict[str, Tensor]:
-        return {n[2:]: b for n, b in self.named_buffers(recurse=False) if n.startswith("k_")}
+        return {n: self._buffers["k_" + n] for n in self._names}
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.kernel is kernel_dequant:
-            y = kernel_dequant.matmul(x2, self.qtensor())
+        if self.kernel is kernel_int4:
+            y = kernel_int4.matmul(x2, self._tensors(), self.out_features)
+        elif self.kernel is kernel_int8:
+            y = kernel_int8.matmul(x2, self._tensors())
         else:
-            y = self.kernel.matmul(x2, self._tensors())
+            y = kernel_dequant.matmul(x2, self.qtensor())
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*lead, self.out_features)
@@ -85,7 +89,7 @@ class QuantLinear(nn.Module):
             return QuantizedTensor(self.spec, self.shape, self.layout, self.k_codes, self.q_scale, self.q_zero,
                                    self.q_global_scale)
         if self.kernel is kernel_int4:
-            codes = kernel_int4.codes(self._tensors(), self.in_features, self.spec.format)
+            codes = kernel_int4.codes(self._tensors(), self.in_features, self.out_features, self.spec.format)
         else:
             codes = kernel_int8.codes(self._tensors(), self.in_features)
         packed = pack(codes.reshape(-1), self.spec.format.bits)
