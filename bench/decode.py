@@ -67,10 +67,9 @@ def fp32_folder(model: str) -> Path:
     return dest
 
 
-def lowbit_folder(model: str, fp32: Path, scheme: str) -> tuple[Path, float]:
-    """RTN-quantized folder for ``scheme``; returns it and its bits per quantized weight."""
+def lowbit_folder(model: str, fp32: Path, scheme: str) -> Path:
+    """The RTN-quantized folder for ``scheme`` (made once)."""
     import lowbit
-    from lowbit.apply import quantized_tensors
     from lowbit.hf.load import load_model
 
     dest = OUT / model / ("lowbit-" + scheme.replace(":", "_"))
@@ -78,8 +77,7 @@ def lowbit_folder(model: str, fp32: Path, scheme: str) -> tuple[Path, float]:
         loaded = load_model(fp32)
         lowbit.quantize(loaded.model, scheme)
         lowbit.save(loaded.model, dest, tokenizer=loaded.tokenizer, overwrite=True)
-    manifest = json.loads((dest / "lowbit.json").read_text())
-    return dest, manifest
+    return dest
 
 
 def bits_per_weight(folder: Path) -> float:
@@ -136,7 +134,7 @@ def measure_model(model: str, args) -> list[dict]:
             continue
         folder, bpw = fp32, None
         if version in LOWBIT:
-            folder, _ = lowbit_folder(model, fp32, LOWBIT[version])
+            folder = lowbit_folder(model, fp32, LOWBIT[version])
             bpw = bits_per_weight(folder)
         print(f"[{model}] {version} ...", flush=True)
         row = run_cell(model, version, folder, prompt, args.new_tokens, repeats)
@@ -213,7 +211,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--prepare-only", action="store_true", help="build and quantize the folders, time nothing")
     args = ap.parse_args()
+    if args.prepare_only:
+        for model in args.models.split(","):
+            fp32 = fp32_folder(model)
+            for scheme in LOWBIT.values():
+                lowbit_folder(model, fp32, scheme)
+        return
     results = {}
     for model in args.models.split(","):
         if args.report_only:

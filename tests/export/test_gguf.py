@@ -275,3 +275,13 @@ def test_pre_tokenizer_names():
     assert set(SPLITS.values()) == {"llama-bpe", "qwen2"}
     with pytest.raises(LowbitError, match="Metaspace"):
         pre_name({"type": "Metaspace", "replacement": "▁"})
+
+
+@pytest.mark.parametrize("scheme", ["int8:g32", "uint4_fz:g32", "int5:g32", "uint2:g32"])
+def test_fast_codes_equal_lowbit_unpack(scheme):
+    from lowbit.quantizer import quantize_weight
+
+    w = torch.randn(8, 96, generator=torch.Generator().manual_seed(0))
+    qt = quantize_weight(w, lowbit.parse_scheme(scheme))
+    assert torch.equal(lg.codes(qt), qt.codes())
+    assert torch.equal(lg.dequantize(qt), qt.dequantize())

@@ -140,15 +140,19 @@ class Entry:
 
 
 def codes(qt: QuantizedTensor) -> Tensor:
-    """(rows, cols) uint8 codes of ``qt``; numpy unpacks 1, 2, 4 and 8 bits (lowbit.packing order,
-    low bits first) about 20x faster than torch's uint8 shifts."""
-    bits = qt.spec.format.bits
-    if 8 % bits:
-        return qt.codes()
-    rows, cols = qt.matrix_shape
-    p, mask = qt.packed.numpy(), 2**bits - 1
-    c = np.stack([(p >> (j * bits)) & mask for j in range(8 // bits)], axis=1)  # (nbytes, 8/bits)
-    return torch.from_numpy(c.reshape(-1)[: rows * cols].reshape(rows, cols))
+    """(rows, cols) uint8 codes of ``qt``, unpacked in numpy (lowbit.packing's layout: a little-endian
+    bit stream, code ``j`` at bits ``j·bits``), 20x faster than torch's uint8 shifts."""
+    bits, (rows, cols) = qt.spec.format.bits, qt.matrix_shape
+    n, p, mask = rows * cols, qt.packed.numpy(), 2**bits - 1
+    if 8 % bits == 0:
+        c = np.stack([(p >> (j * bits)) & mask for j in range(8 // bits)], axis=1)  # (nbytes, 8/bits)
+    else:  # 8 codes in `bits` bytes
+        groups = -(-n // 8)
+        b = np.zeros(groups * bits, np.uint64)
+        b[: p.size] = p
+        v = (b.reshape(groups, bits) << (8 * np.arange(bits, dtype=np.uint64))).sum(axis=1)  # (groups,)
+        c = ((v[:, None] >> (bits * np.arange(8, dtype=np.uint64))) & mask).astype(np.uint8)  # (groups, 8)
+    return torch.from_numpy(c.reshape(-1)[:n].reshape(rows, cols))
 
 
 def dequantize(qt: QuantizedTensor) -> Tensor:
