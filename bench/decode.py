@@ -151,8 +151,9 @@ def report(results: dict[str, list[dict]], new_tokens: int) -> list[str]:
              "```", "",
              f"Greedy decoding of exactly {new_tokens} new tokens after a 32-token pydoc prompt, each version in its "
              "own process: one warm-up, then the median of the timed `generate` calls (3 for SmolLM2, 1 for the "
-             "1B model). *Resident* is the RSS that loading the model added; *tensors* the bytes of its "
-             "parameters and buffers. Only the Linear layers inside the decoder blocks are quantized in every "
+             "1B model). *Resident* is the RSS the loaded model holds (read after decoding, with freed heap "
+             "returned by `malloc_trim`, minus the RSS before loading); *tensors* the bytes of its "
+             "parameters and buffers; *peak* the process's VmHWM (loading included). Only the Linear layers inside the decoder blocks are quantized in every "
              "version (lm_head and embeddings stay in the model dtype); bits/weight counts the quantized layers' "
              "stored codes, scales and zeros. Machine: "
              f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}.", ""]

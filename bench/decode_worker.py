@@ -4,9 +4,10 @@
 
 Runs under the system Python for fp32/bf16/lowbit and under torchao's venv for torchao, so it
 imports nothing from lowbit at the top. Prints one JSON line: tokens/s (median of ``--repeats``
-timed ``generate`` calls after a warm-up), resident memory added by loading the model (VmRSS
-after load minus VmRSS before), peak RSS (VmHWM), the bytes of the model's tensors, and the
-generated ids (so the report can say whether versions agree).
+timed ``generate`` calls after a warm-up), resident memory the model holds, peak RSS (VmHWM), the bytes of the model's tensors, and the
+generated ids (so the report can say whether versions agree). Resident memory is read after
+decoding (every weight page touched, freed heap returned with ``malloc_trim``) minus VmRSS
+before loading.
 """
 from __future__ import annotations
 
@@ -90,6 +91,12 @@ def main() -> None:
         t = time.perf_counter()
         out = model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **kw)
         runs.append(time.perf_counter() - t)
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so RSS shows what the model holds
+    resident = rss_mb() - before
     made = out.shape[1] - prompt.shape[1]
     median = sorted(runs)[len(runs) // 2]
     kernels = {}
@@ -100,7 +107,7 @@ def main() -> None:
     except ImportError:
         pass
     print(json.dumps({"variant": args.variant, "tok_s": made / median, "runs_s": runs, "tokens": made,
-                      "load_s": load_s, "resident_mb": after - before, "peak_rss_mb": rss_mb("VmHWM"),
+                      "load_s": load_s, "resident_mb": resident, "after_load_mb": after - before, "peak_rss_mb": rss_mb("VmHWM"),
                       "tensor_mb": tensor_bytes(model) / 2**20, "kernels": kernels,
                       "ids": out[0, prompt.shape[1]:].tolist(), "threads": torch.get_num_threads()}))
 

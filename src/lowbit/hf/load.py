@@ -158,7 +158,8 @@ def _tokenizer(tf: Any, path: Path) -> Any:
 
 
 def load_lowbit(path: str | os.PathLike, packed: bool = True) -> Loaded:
-    """Rebuild a model saved by lowbit: skeleton from config.json, then the saved tensors.
+    """Rebuild a model saved by lowbit through transformers' ``from_pretrained`` (see
+    ``lowbit.hf.quantizer``); older folders: a skeleton from config.json, then the saved tensors.
 
     ``packed``: see ``lowbit.io.load_into``.
     """
@@ -173,6 +174,20 @@ def load_lowbit(path: str | os.PathLike, packed: bool = True) -> Loaded:
     tf = transformers()
     config = tf.AutoConfig.from_pretrained(str(path))
     cls = getattr(tf, manifest["model"]["class"], None) or _model_class(tf, config)
+    qc = getattr(config, "quantization_config", None)
+    tied = any("same_as" in m for m in manifest["quantized"].values())
+    if (isinstance(qc, dict) and qc.get("quant_method") == "lowbit" and not tied
+            and not cls.__name__.startswith("Auto")):
+        # transformers' own loader with lowbit's registered quantizer: the skeleton lives on the
+        # meta device, so no float32 copy of the quantized weights is ever allocated
+        from lowbit.hf.quantizer import install_hook, loading
+
+        install_hook()
+        with loading(packed=packed):
+            model = cls.from_pretrained(str(path), dtype=getattr(torch, manifest["model"]["dtype"]))
+        return Loaded(model.eval(), _tokenizer(tf, path), str(path), "lowbit")
+    # a quantized weight tied to another module (transformers re-ties parameters only), or a
+    # folder written before config.json carried a quantization_config: skeleton, then tensors
     model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
     model = model.to(getattr(torch, manifest["model"]["dtype"])).eval()
     load_into(model, path, packed=packed)  # the skeleton is already tied; tied quantized tensors share one QuantizedTensor

@@ -19,14 +19,28 @@ Loading runs in transformers' own loader, on the meta device:
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
 from importlib.abc import Loader, MetaPathFinder
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 QUANT_METHOD = "lowbit"
 _HOOKED = "transformers.quantizers.auto"
+_PACKED: ContextVar[bool] = ContextVar("lowbit_packed", default=True)
+
+
+@contextmanager
+def loading(packed: bool = True) -> Iterator[None]:
+    """Within this block, from_pretrained builds packed layers (``packed=True``) or the float
+    fake-quant reference (``packed=False``); see ``lowbit.io.load_into``."""
+    token = _PACKED.set(packed)
+    try:
+        yield
+    finally:
+        _PACKED.reset(token)
 
 
 def quantization_config(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -112,13 +126,12 @@ def _register(auto: Any) -> None:
         """transformers-side view of a lowbit folder's ``quantization_config``."""
 
         def __init__(self, quantized: dict | None = None, format_version: int = 1, lowbit_version: str = "",
-                     scheme: str = "", packed: bool = True, **kwargs: Any) -> None:
+                     scheme: str = "", **kwargs: Any) -> None:
             self.quant_method = QUANT_METHOD
             self.quantized = quantized or {}
             self.format_version = format_version
             self.lowbit_version = lowbit_version
             self.scheme = scheme
-            self.packed = packed
 
         def to_dict(self) -> dict[str, Any]:
             return {"quant_method": QUANT_METHOD, "format_version": self.format_version,
@@ -145,21 +158,24 @@ def _register(auto: Any) -> None:
             return dtype
 
         def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+            from lowbit.errors import LowbitError
+
+            quantized = self.quantization_config.quantized
+            tied = sorted(k for k, m in quantized.items() if "same_as" in m)
+            if tied:
+                raise LowbitError(f"this folder quantizes a tied weight ({tied[0]} = {quantized[tied[0]]['same_as']}), "
+                                  "which transformers cannot re-tie; load it with lowbit.load(path)")
             modules = dict(model.named_modules())
-            for key, meta in self.quantization_config.quantized.items():
-                if "same_as" in meta:
-                    continue
+            for key, meta in quantized.items():
                 module_name, _, param = key.rpartition(".")
                 module = modules.get(module_name)
                 if module is None:
-                    from lowbit.errors import LowbitError
-
                     raise LowbitError(f"the checkpoint quantizes {key}, which {type(model).__name__} does not have")
                 module._parameters.pop(param, None)
                 module.add_module(param, StoredWeight(meta))
 
         def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-            _finish_loading(model, self.quantization_config.quantized, packed=self.quantization_config.packed)
+            _finish_loading(model, self.quantization_config.quantized, packed=_PACKED.get())
             return model
 
         def is_serializable(self) -> bool:
