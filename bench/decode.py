@@ -190,7 +190,7 @@ def report(results: dict[str, list[dict]], new_tokens: int) -> list[str]:
               "because of the Python and library state each process carries.",
               "- torchao's int4 rows run a bf16 model (its CPU int4 layout is built for bf16), so their embeddings and "
               "lm_head are bf16 and *tensors* is smaller; on this machine it also decodes faster than bf16. Its int8 "
-              "weight-only path dequantizes in Python for every call and is the slowest row.",
+              "weight-only linear dequantizes the whole weight on every call and calls `F.linear`.",
               "<!-- decode:end -->"]
     return lines
 
