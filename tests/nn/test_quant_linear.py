@@ -121,3 +121,10 @@ def test_bf16_model_and_gpt2_conv1d():
     close(families.output(model, x), ref, "int8")
     model.to(torch.bfloat16)
     assert families.output(model, x).dtype == torch.bfloat16
+
+
+def test_cpu_kernels_refuse_other_devices_clearly():
+    _, qt = quantized_linear("int4:g32", 16, 64)
+    q = QuantLinear(qt).to("meta")
+    with pytest.raises(lowbit.LowbitError, match="packed=False"):
+        q(torch.empty(2, 64, device="meta"))

@@ -9,8 +9,10 @@ It picks the fastest kernel that represents the weight exactly, in this order:
 * ``dequant`` anything else: dequantize-then-matmul by row chunks (``lowbit.nn.kernel_dequant``).
 
 The two CPU kernels compute in bf16; the dequant path in float32 equals the fake-quant model.
-Both int kernels need a CPU build of torch with those ops (2.6 or newer); elsewhere, or on
-another device, the dequant path runs.
+Both int kernels need torch with those ops (2.6 or newer; without them the dequant path runs)
+and CPU tensors: their packed layouts are CPU layouts, so a packed int8/int4 layer refuses other
+devices with a clear error (load with ``packed=False`` to run elsewhere). The dequant path runs
+on any device.
 
 ``QuantLinear`` serves ``nn.Linear`` (weight ``(out, in)``) and GPT-2's ``Conv1D`` (weight
 ``(in, out)``): both compute ``x @ M.T + b`` with the matrix view ``M`` (out, in).
@@ -73,6 +75,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if self.kernel is not kernel_dequant and x.device.type != "cpu":
+            raise LowbitError(f"this layer's packed {self.kernel.NAME} weights use PyTorch's CPU kernels and cannot "
+                              f"run on {x.device}; load the model with lowbit.load(path, packed=False) for that device")
         if self.kernel is kernel_int4:
             y = kernel_int4.matmul(x2, self._tensors(), self.out_features)
         elif self.kernel is kernel_int8:
