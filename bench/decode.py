@@ -156,7 +156,8 @@ def report(results: dict[str, list[dict]], new_tokens: int) -> list[str]:
              "parameters and buffers; *peak* the process's VmHWM (loading included). Only the Linear layers inside the decoder blocks are quantized in every "
              "version (lm_head and embeddings stay in the model dtype); bits/weight counts the quantized layers' "
              "stored codes, scales and zeros. Machine: "
-             f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}.", ""]
+             f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}.", "",
+             "![decode speed relative to fp32](bench/plots/decode.png)", ""]
     for model, rows in results.items():
         ok = {r["version"]: r for r in rows if "error" not in r}
         fp32, bf16 = ok.get("fp32", {}).get("tok_s"), ok.get("bf16", {}).get("tok_s")
@@ -193,6 +194,38 @@ def report(results: dict[str, list[dict]], new_tokens: int) -> list[str]:
               "weight-only linear dequantizes the whole weight on every call and calls `F.linear`.",
               "<!-- decode:end -->"]
     return lines
+
+
+def speed_plot(results: dict[str, list[dict]], path: Path) -> Path:
+    """Decode tok/s relative to fp32, one bar group per model; PNG at ``path`` (same numbers, same bytes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.5), constrained_layout=True)
+    width = 0.8 / len(VERSIONS)
+    for i, version in enumerate(VERSIONS):
+        xs, ys = [], []
+        for j, rows in enumerate(results.values()):
+            ok = {r["version"]: r for r in rows if "error" not in r}
+            if version in ok and "fp32" in ok:
+                xs.append(j + (i - len(VERSIONS) / 2 + 0.5) * width)
+                ys.append(ok[version]["tok_s"] / ok["fp32"]["tok_s"])
+        ax.bar(xs, ys, width, label=version, hatch="" if version.startswith("lowbit") or version in ("fp32", "bf16")
+               else "//")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(range(len(results)), list(results))
+    ax.set_ylabel("decode tokens/s ÷ fp32 (same run)")
+    ax.set_title("Greedy decoding on 2 CPU cores: packed lowbit against fp32, bf16 and torchao (hatched)")
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(True, axis="y", alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 def targets(ok: dict[str, dict]) -> list[str]:
@@ -237,6 +270,7 @@ def main() -> None:
             results[model] = [by[v] for v in VERSIONS if v in by]
         else:
             results[model] = measure_model(model, args)
+    speed_plot(results, HERE / "plots" / "decode.png")
     write_section(HERE.parent / "BENCHMARKS.md", "<!-- decode:begin -->", "<!-- decode:end -->",
                   report(results, args.new_tokens))
     print("\n".join(report(results, args.new_tokens)))
