@@ -172,8 +172,10 @@ def report(results: dict[str, list[dict]], new_tokens: int) -> list[str]:
             same = "" if ref_ids is None else f"{sum(a == b for a, b in zip(r['ids'], ref_ids))}/{len(ref_ids)}"
             kern = ", ".join(f"{k} {n}" for k, n in sorted(r.get("kernels", {}).items()))
             bpw = "" if r.get("bpw") is None else f"{r['bpw']:.2f}"
-            lines.append(f"| {r['version']} | {bpw} | {r['tok_s']:.1f} | {r['tok_s'] / fp32:.2f} | "
-                         f"{r['tok_s'] / bf16:.2f} | {r['resident_mb']:.0f} | {r['tensor_mb']:.0f} | "
+            vs_fp32 = "" if not fp32 else f"{r['tok_s'] / fp32:.2f}"  # blank when that row failed or is missing
+            vs_bf16 = "" if not bf16 else f"{r['tok_s'] / bf16:.2f}"
+            lines.append(f"| {r['version']} | {bpw} | {r['tok_s']:.1f} | {vs_fp32} | "
+                         f"{vs_bf16} | {r['resident_mb']:.0f} | {r['tensor_mb']:.0f} | "
                          f"{r['peak_rss_mb']:.0f} | {kern} | {same} |")
         lines.append("")
         lines += targets(ok)
