@@ -191,6 +191,9 @@ def report(results: dict[str, list[dict]], new_tokens: int) -> list[str]:
               "tensors straight from the safetensors file and those file pages count once touched "
               "(`/proc/self/smaps_rollup` of the 1B int8 model: 1.08 GB anonymous, 0.96 GB file-backed clean), and "
               "because of the Python and library state each process carries.",
+              "- Not like for like, by each tool's design: lowbit's int8 kernel takes bf16 activations inside an "
+              "fp32 model (part of its speed), while torchao's int8 runs the fp32 model as its docs do; torchao's "
+              "int4 uses groups of 64 because at 128 it leaves SmolLM2's 576-wide layers unquantized.",
               "- torchao's int4 rows run a bf16 model (its CPU int4 layout is built for bf16), so their embeddings and "
               "lm_head are bf16 and *tensors* is smaller; on this machine it also decodes faster than bf16. Its int8 "
               "weight-only linear dequantizes the whole weight on every call and calls `F.linear`.",

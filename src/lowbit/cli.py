@@ -110,7 +110,7 @@ def eval_(
     loaded = load_model(model, allow_pickle=allow_pickle, packed=False)  # windows score fastest in float32
     if loaded.tokenizer is None:
         raise LowbitError(f"{model} has no tokenizer files; save the tokenizer next to the model")
-    ref = load_model(reference, allow_pickle=allow_pickle).model if reference else None
+    ref = load_model(reference, allow_pickle=allow_pickle, packed=False).model if reference else None
     check_fits(loaded.model, seq_len, ref)
     ids = token_windows(loaded.tokenizer, text, seq_len, windows)
     result = evaluate(loaded.model, ids, reference=ref, progress=not as_json)

@@ -163,9 +163,10 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _finish(tmp: Path) -> None:
     """Flush every file to disk and give the folder the usual permissions (mkdtemp makes 0700)."""
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in tmp.rglob("*"):  # tokenizers may write subfolders (additional_chat_templates/)
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)

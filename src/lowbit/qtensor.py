@@ -127,7 +127,7 @@ class QuantizedTensor:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """Reconstruction in the original shape."""
         fmt, codes = self.spec.format, self.codes()
-        out = torch.empty(self.matrix_shape, dtype=torch.float32)
+        out = torch.empty(self.matrix_shape, dtype=torch.float32, device=codes.device)
         for region in grouping.regions(self.matrix_shape, self.tile):
             qp = self.qparams(region)
             grouping.from_blocks(fmt.dequantize(grouping.to_blocks(codes, region), qp), region, out)

@@ -77,3 +77,11 @@ def test_registration_when_transformers_is_imported_first(saved):
 def test_unquantized_save_has_no_quantization_config(tmp_path):
     lowbit.save(families.llama(), tmp_path / "plain")
     assert "quantization_config" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+
+
+def test_reloading_lowbit_before_transformers_does_not_recurse():
+    code = ("import importlib, lowbit.hf.quantizer as q; importlib.reload(q); q.install_hook(); "
+            "import transformers.quantizers.auto as a; print('lowbit' in a.AUTO_QUANTIZER_MAPPING)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "True"

@@ -128,3 +128,22 @@ def test_cpu_kernels_refuse_other_devices_clearly():
     q = QuantLinear(qt).to("meta")
     with pytest.raises(lowbit.LowbitError, match="packed=False"):
         q(torch.empty(2, 64, device="meta"))
+
+
+@pytest.mark.parametrize("scheme", ["int8:channel", "uint4:g32", "nf4:g32"])
+def test_copies_pickles_and_dtype_moves_keep_the_codes(scheme, tmp_path):
+    import copy
+
+    lin, qt = quantized_linear(scheme, 48, 96)
+    q = QuantLinear(qt, lin.bias)
+    x = torch.randn(2, 96)
+    y = q(x)
+    twin = copy.deepcopy(q)
+    assert torch.equal(twin(x), y)
+    torch.save(q, tmp_path / "q.pt")  # pickling works (the file is never loaded here)
+    for dtype in (torch.bfloat16, torch.float16):
+        moved = copy.deepcopy(q).to(dtype)
+        assert moved.dtype == dtype and moved.bias.dtype == dtype
+        back = moved.qtensor()  # stored scales keep their encoding: still bit-exact
+        assert torch.equal(back.packed, qt.packed) and torch.equal(back.scale, qt.scale)
+        assert moved(x.to(dtype)).dtype == dtype

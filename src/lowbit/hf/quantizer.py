@@ -199,8 +199,9 @@ def _finish_loading(model: nn.Module, quantized: dict[str, Any], packed: bool = 
         if "same_as" in meta:
             continue
         module_name, _, param = key.rpartition(".")
-        module, stored = modules[module_name], modules[key]
+        module, stored = modules[module_name], modules.pop(key)  # dropped as we go: one layer twice at most
         qt = stored.qtensor()
+        del stored
         dtype = getattr(torch, meta["dtype"])
         del module._modules[param]
         if packed and param == "weight" and key not in shared and module_name and packable(module, qt):
@@ -218,11 +219,13 @@ def _finish_loading(model: nn.Module, quantized: dict[str, Any], packed: bool = 
 class _RegisterWhenImported(MetaPathFinder, Loader):
     """Runs ``_register`` right after ``transformers.quantizers.auto`` is first imported."""
 
+    _lowbit_hook = True  # marks every instance, also of a reloaded copy of this class
+
     def find_spec(self, name: str, path: Any, target: Any = None):
         if name != _HOOKED:
             return None
         for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
+            if getattr(finder, "_lowbit_hook", False) or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(name, path, target)
             if spec is not None:
@@ -236,15 +239,25 @@ class _RegisterWhenImported(MetaPathFinder, Loader):
 
     def exec_module(self, module: Any) -> None:
         self._inner.exec_module(module)
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        _register(module)
+        sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "_lowbit_hook", False)]
+        _register_safely(module)
+
+
+def _register_safely(auto: Any) -> None:
+    """Register, but never let a transformers API change break transformers itself."""
+    try:
+        _register(auto)
+    except Exception as e:  # noqa: BLE001 - any failure here must only cost lowbit's own integration
+        import warnings
+
+        warnings.warn(f"lowbit could not register with transformers ({type(e).__name__}: {e}); "
+                      "from_pretrained will not load lowbit folders, lowbit.load still does", stacklevel=2)
 
 
 def install_hook() -> None:
     """Register now if transformers' quantizer registry is loaded, else as soon as it is."""
     auto = sys.modules.get(_HOOKED)
     if auto is not None:
-        _register(auto)
-    elif not any(isinstance(f, _RegisterWhenImported) for f in sys.meta_path):
+        _register_safely(auto)
+    elif not any(getattr(f, "_lowbit_hook", False) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterWhenImported())

@@ -52,7 +52,7 @@ def matmul(x: Tensor, qt: QuantizedTensor) -> Tensor:
     rows, _ = qt.matrix_shape
     step = chunk_rows(qt)
     x32 = x.to(torch.float32)
-    out = torch.empty(x.shape[0], rows, dtype=torch.float32)
+    out = torch.empty(x.shape[0], rows, dtype=torch.float32, device=x.device)
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)
         out[:, r0:r1] = x32 @ row_chunk(qt, r0, r1).dequantize().t()

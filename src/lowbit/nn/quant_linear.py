@@ -27,8 +27,10 @@ from lowbit.errors import LowbitError
 from lowbit.nn import kernel_dequant, kernel_int4, kernel_int8
 from lowbit.packing import pack
 from lowbit.qtensor import QuantizedTensor
+from lowbit.spec import QuantSpec
 
 KERNELS = (kernel_int8, kernel_int4, kernel_dequant)
+_BY_NAME = {k.NAME: k for k in KERNELS}
 
 
 def choose_kernel(qt: QuantizedTensor, allow: tuple[str, ...] = ("int8", "int4", "dequant")):
@@ -58,19 +60,42 @@ class QuantLinear(nn.Module):
         if len(qt.shape) != 2 or qt.layout not in ("rows", "transposed"):
             raise LowbitError(f"QuantLinear needs a 2-D weight in layout rows or transposed, not {qt.shape} {qt.layout}")
         self.out_features, self.in_features = qt.matrix_shape
-        self.spec, self.shape, self.layout, self.dtype = qt.spec, qt.shape, qt.layout, dtype
-        self.kernel = choose_kernel(qt, kernels)
+        self.shape, self.layout, self.dtype = qt.shape, qt.layout, dtype
+        self._meta = qt.meta()
+        self.kernel_name = choose_kernel(qt, kernels).NAME  # a name, so the layer deep-copies and pickles
         tensors = {"codes": qt.packed} if self.kernel is kernel_dequant else self.kernel.pack(qt)
         for name, t in tensors.items():
             self.register_buffer(f"k_{name}", t, persistent=False)
-        self.register_buffer("q_scale", qt.scale, persistent=False)
-        self.register_buffer("q_zero", qt.zero, persistent=False)
-        self.register_buffer("q_global_scale", qt.global_scale, persistent=False)
+        # scales and zeros in their stored encodings (fp16 scales, packed integer zeros): qtensor() decodes them
+        for role, t in qt.to_tensors().items():
+            if role != "codes":
+                self.register_buffer(f"s_{role}", t, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self._names = tuple(tensors)
 
+    @property
+    def kernel(self):
+        return _BY_NAME[self.kernel_name]
+
+    @property
+    def spec(self):
+        return QuantSpec.from_dict(self._meta["spec"])
+
     def _tensors(self) -> dict[str, Tensor]:
         return {n: self._buffers["k_" + n] for n in self._names}
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(device)`` moves every buffer; ``.to(dtype)``/``.half()`` change only the compute dtype
+        and the bias: packed codes, kernel scales and stored scales keep their own dtypes."""
+        probe = fn(torch.zeros(1, dtype=self.dtype))
+        buffers, self._buffers = self._buffers, {}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers = {n: None if b is None else b.to(probe.device) for n, b in buffers.items()}
+        if probe.is_floating_point():
+            self.dtype = probe.dtype
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
@@ -91,15 +116,15 @@ class QuantLinear(nn.Module):
     def qtensor(self) -> QuantizedTensor:
         """The weight's QuantizedTensor, code for code (rebuilt from the kernel layout if needed)."""
         if self.kernel is kernel_dequant:
-            return QuantizedTensor(self.spec, self.shape, self.layout, self.k_codes, self.q_scale, self.q_zero,
-                                   self.q_global_scale)
-        if self.kernel is kernel_int4:
-            codes = kernel_int4.codes(self._tensors(), self.in_features, self.out_features, self.spec.format)
+            packed = self.k_codes
+        elif self.kernel is kernel_int4:
+            fmt = self.spec.format
+            packed = pack(kernel_int4.codes(self._tensors(), self.in_features, self.out_features, fmt).reshape(-1),
+                          fmt.bits)
         else:
-            codes = kernel_int8.codes(self._tensors(), self.in_features)
-        packed = pack(codes.reshape(-1), self.spec.format.bits)
-        return QuantizedTensor(self.spec, self.shape, self.layout, packed, self.q_scale, self.q_zero,
-                               self.q_global_scale)
+            packed = pack(kernel_int8.codes(self._tensors(), self.in_features).reshape(-1), 8)
+        stored = {n[2:]: b for n, b in self._buffers.items() if n.startswith("s_") and b is not None}
+        return QuantizedTensor.from_tensors(self._meta, {"codes": packed, **stored})
 
     def nbytes(self) -> int:
         """Bytes this layer holds in memory (kernel layout, scales, bias)."""
