@@ -39,6 +39,8 @@ sys.path.insert(0, str(HERE))
 
 from common import hf_folder, write_section  # noqa: E402
 
+from lowbit.report import manifest_bits_per_weight as bits_per_weight  # noqa: E402
+
 OUT = HERE / "out" / "decode"
 TORCHAO_PY = HERE / ".venvs" / "torchao" / "bin" / "python"
 LOWBIT = {"lowbit int8": "int8:channel", "lowbit int4 g128": "int4:g128", "lowbit fp8": "fp8"}
@@ -78,21 +80,6 @@ def lowbit_folder(model: str, fp32: Path, scheme: str) -> Path:
         lowbit.quantize(loaded.model, scheme)
         lowbit.save(loaded.model, dest, tokenizer=loaded.tokenizer, overwrite=True)
     return dest
-
-
-def bits_per_weight(folder: Path) -> float:
-    """Bits per quantized weight from the stored tensors (codes, scales, zeros)."""
-    from safetensors import safe_open
-
-    manifest = json.loads((folder / "lowbit.json").read_text())
-    numel = sum(torch.Size(m["shape"]).numel() for m in manifest["quantized"].values() if "shape" in m)
-    nbytes = 0
-    with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        for key in f.keys():
-            if any(key.startswith(k + ".") for k in manifest["quantized"]):
-                t = f.get_slice(key)
-                nbytes += torch.Size(t.get_shape()).numel() * {"U8": 1, "F16": 2, "BF16": 2, "F32": 4}[t.get_dtype()]
-    return 8 * nbytes / numel
 
 
 def prompt_ids(folder: Path) -> list[int]:

@@ -230,8 +230,7 @@ def load_into(model: nn.Module, path: str | os.PathLike, packed: bool = True) ->
     quantized tensors, and every one with ``packed=False``, take the reference path
     (``lowbit.apply.attach``: the module computes with the dequantized weight).
     """
-    from lowbit.nn.convert import packable, replace_module
-    from lowbit.nn.quant_linear import QuantLinear
+    from lowbit.nn.convert import place
 
     path = Path(path)
     manifest = read_manifest(path)
@@ -251,11 +250,11 @@ def load_into(model: nn.Module, path: str | os.PathLike, packed: bool = True) ->
             continue
         parts = {r: tensors.pop(f"{key}.{r}") for r in _ROLES if f"{key}.{r}" in tensors}
         qt = QuantizedTensor.from_tensors(meta, parts)
-        module, dtype = modules[module_name], getattr(torch, meta["dtype"])
-        if packed and param == "weight" and key not in shared and module_name and packable(module, qt):
-            replace_module(model, module_name, QuantLinear(qt, module.bias, dtype))
-            continue
-        built[key] = (qt, attach(module, param, qt, dtype))
+        dtype = getattr(torch, meta["dtype"])
+        if key in shared:  # its twins, later in this loop, attach the same dequantized tensor
+            built[key] = (qt, attach(modules[module_name], param, qt, dtype))
+        else:
+            place(model, module_name, param, qt, dtype, packed)
     for alias, source in manifest["aliases"].items():
         tensors[alias] = tensors[source]
     missing, unexpected = model.load_state_dict(tensors, strict=False)

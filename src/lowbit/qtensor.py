@@ -171,8 +171,9 @@ class QuantizedTensor:
         return {"spec": self.spec.to_dict(), "shape": list(self.shape), "layout": self.layout}
 
     @classmethod
-    def from_tensors(cls, meta: dict, tensors: dict[str, Tensor]) -> "QuantizedTensor":
-        spec = QuantSpec.from_dict(meta["spec"])
+    def from_tensors(cls, meta: dict, tensors: dict[str, Tensor], spec: QuantSpec | None = None) -> "QuantizedTensor":
+        """Inverse of ``to_tensors``; pass ``spec`` when it is already parsed from ``meta``."""
+        spec = spec if spec is not None else QuantSpec.from_dict(meta["spec"])
         scale = decode_scale(tensors["scale"], scale_storage(spec))
         zero = tensors.get("zero")
         if zero is not None and spec.format.zero_kind == "int":

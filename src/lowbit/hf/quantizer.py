@@ -14,7 +14,7 @@ Loading runs in transformers' own loader, on the meta device:
    have exactly the saved tensors' names, shapes and dtypes, so the loader fills them from
    ``<key>.weight.codes`` and so on as it fills any buffer;
 2. after loading, each one becomes a packed ``lowbit.nn.QuantLinear`` (or, for a weight that is
-   not a Linear's or is shared, the reference dequantized weight, ``lowbit.apply.attach``).
+   not a Linear's, the reference dequantized weight, ``lowbit.apply.attach``).
 """
 from __future__ import annotations
 
@@ -45,27 +45,18 @@ def loading(packed: bool = True) -> Iterator[None]:
 
 def quantization_config(manifest: dict[str, Any]) -> dict[str, Any]:
     """The ``quantization_config`` entry of a saved config.json, from a lowbit manifest."""
+    from lowbit.schemes import describe
     from lowbit.spec import QuantSpec
 
     specs: dict[str, int] = {}
     for meta in manifest["quantized"].values():
         if "spec" in meta:
-            name = _spec_label(QuantSpec.from_dict(meta["spec"]))
+            name = describe(QuantSpec.from_dict(meta["spec"]))
             specs[name] = specs.get(name, 0) + 1
     return {"quant_method": QUANT_METHOD, "format_version": manifest["format_version"],
             "lowbit_version": manifest["lowbit_version"],
             "scheme": ", ".join(f"{k} ({n} tensors)" for k, n in sorted(specs.items())),
             "quantized": manifest["quantized"]}
-
-
-def _spec_label(spec) -> str:
-    from lowbit.spec import PerBlock, PerChannel, PerGroup
-
-    g = spec.granularity
-    gran = (f"g{g.size}" if isinstance(g, PerGroup) else "channel" if isinstance(g, PerChannel)
-            else f"b{g.rows}x{g.cols}" if isinstance(g, PerBlock) else "tensor")
-    search = "" if spec.scale_search == "minmax" else f":{spec.scale_search}"
-    return f"{spec.format.name}:{gran}{search}"
 
 
 class StoredWeight(nn.Module):
@@ -187,33 +178,17 @@ def _register(auto: Any) -> None:
 
 
 def _finish_loading(model: nn.Module, quantized: dict[str, Any], packed: bool = True) -> None:
-    """Turn every ``StoredWeight`` into a packed QuantLinear or an attached reference weight."""
-    from lowbit.apply import attach
-    from lowbit.nn.convert import packable, replace_module
-    from lowbit.nn.quant_linear import QuantLinear
+    """Turn every ``StoredWeight`` into a packed QuantLinear or an attached reference weight.
 
-    shared = {meta["same_as"] for meta in quantized.values() if "same_as" in meta}
-    built: dict[str, tuple[Any, torch.Tensor]] = {}
-    modules = dict(model.named_modules())
+    Tied quantized weights never get here (``_process_model_before_weight_loading`` refuses them).
+    """
+    from lowbit.nn.convert import place
+
     for key, meta in quantized.items():
-        if "same_as" in meta:
-            continue
         module_name, _, param = key.rpartition(".")
-        module, stored = modules[module_name], modules.pop(key)  # dropped as we go: one layer twice at most
-        qt = stored.qtensor()
-        del stored
-        dtype = getattr(torch, meta["dtype"])
-        del module._modules[param]
-        if packed and param == "weight" and key not in shared and module_name and packable(module, qt):
-            replace_module(model, module_name, QuantLinear(qt, module.bias, dtype))
-        else:
-            built[key] = (qt, attach(module, param, qt, dtype))
-    for key, meta in quantized.items():
-        if "same_as" in meta:
-            module_name, _, param = key.rpartition(".")
-            qt, weight = built[meta["same_as"]]
-            modules[module_name]._modules.pop(param, None)
-            attach(modules[module_name], param, qt, weight.dtype, weight)
+        module = model.get_submodule(module_name)
+        qt = module._modules.pop(param).qtensor()  # the placeholder goes as soon as it is read
+        place(model, module_name, param, qt, getattr(torch, meta["dtype"]), packed)
 
 
 class _RegisterWhenImported(MetaPathFinder, Loader):

@@ -6,6 +6,7 @@ A weight shared by several modules (tied embeddings and lm_head) stays on the re
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from lowbit.nn.quant_linear import QuantLinear
@@ -45,29 +46,27 @@ def pack_model(model: nn.Module, kernels: tuple[str, ...] = ("int8", "int4", "de
     return model
 
 
-def packed_layers(model: nn.Module) -> list[tuple[str, QuantLinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+def place(model: nn.Module, name: str, param: str, qt: QuantizedTensor, dtype: torch.dtype,
+          packed: bool = True) -> torch.Tensor | None:
+    """Put ``qt``, the quantized ``param`` of module ``name``, into ``model`` (loading).
+
+    With ``packed``, a packable Linear/Conv1D weight becomes a ``QuantLinear`` in place of its
+    module (returns None); anything else takes the reference path, ``lowbit.apply.attach``
+    (returns the dequantized weight). Weights shared with another module must not come here.
+    """
+    from lowbit.apply import attach
+
+    module = model.get_submodule(name)
+    if packed and param == "weight" and name and packable(module, qt):
+        replace_module(model, name, QuantLinear(qt, module.bias, dtype))
+        return None
+    return attach(module, param, qt, dtype)
 
 
 def kernel_counts(model: nn.Module) -> dict[str, int]:
     """How many layers run on each kernel, e.g. {"int4": 210}."""
     out: dict[str, int] = {}
-    for _, m in packed_layers(model):
-        out[m.kernel.NAME] = out.get(m.kernel.NAME, 0) + 1
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            out[m.kernel.NAME] = out.get(m.kernel.NAME, 0) + 1
     return out
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes held by parameters and buffers (packed layers count their packed form)."""
-    seen: set[int] = set()
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.untyped_storage().nbytes() if t.device.type != "meta" else 0
-    return total
-
-
-

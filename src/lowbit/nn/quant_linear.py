@@ -27,7 +27,6 @@ from lowbit.errors import LowbitError
 from lowbit.nn import kernel_dequant, kernel_int4, kernel_int8
 from lowbit.packing import pack
 from lowbit.qtensor import QuantizedTensor
-from lowbit.spec import QuantSpec
 
 KERNELS = (kernel_int8, kernel_int4, kernel_dequant)
 _BY_NAME = {k.NAME: k for k in KERNELS}
@@ -61,7 +60,7 @@ class QuantLinear(nn.Module):
             raise LowbitError(f"QuantLinear needs a 2-D weight in layout rows or transposed, not {qt.shape} {qt.layout}")
         self.out_features, self.in_features = qt.matrix_shape
         self.shape, self.layout, self.dtype = qt.shape, qt.layout, dtype
-        self._meta = qt.meta()
+        self._meta, self.spec = qt.meta(), qt.spec
         self.kernel_name = choose_kernel(qt, kernels).NAME  # a name, so the layer deep-copies and pickles
         tensors = {"codes": qt.packed} if self.kernel is kernel_dequant else self.kernel.pack(qt)
         for name, t in tensors.items():
@@ -76,10 +75,6 @@ class QuantLinear(nn.Module):
     @property
     def kernel(self):
         return _BY_NAME[self.kernel_name]
-
-    @property
-    def spec(self):
-        return QuantSpec.from_dict(self._meta["spec"])
 
     def _tensors(self) -> dict[str, Tensor]:
         return {n: self._buffers["k_" + n] for n in self._names}
@@ -124,7 +119,7 @@ class QuantLinear(nn.Module):
         else:
             packed = pack(kernel_int8.codes(self._tensors(), self.in_features).reshape(-1), 8)
         stored = {n[2:]: b for n, b in self._buffers.items() if n.startswith("s_") and b is not None}
-        return QuantizedTensor.from_tensors(self._meta, {"codes": packed, **stored})
+        return QuantizedTensor.from_tensors(self._meta, {"codes": packed, **stored}, self.spec)
 
     def nbytes(self) -> int:
         """Bytes this layer holds in memory (kernel layout, scales, bias)."""
