@@ -1,10 +1,11 @@
 """Is GPTQ's gain over round-to-nearest real? A paired comparison on more windows, with error bars.
 
     python3 bench/gptq_paired.py [--scheme w4g128-asym] [--windows 64] [--samples 32]
+                                 [--calib pydoc|prose|SPEC] [--damp 1.0]
 
 ``bench/gptq.py`` scores each cell on 16 windows per corpus, where a 1% perplexity difference
 can be chance. This script quantizes one scheme twice in this process (round-to-nearest, and
-GPTQ with lowbit's defaults on ``--samples`` pydoc calibration windows), then scores fp32, RTN
+GPTQ with lowbit's defaults on ``--samples`` calibration windows), then scores fp32, RTN
 and GPTQ on the same ``--windows`` windows of each corpus, window by window: perplexity, KL
 against fp32, and the paired difference of the two quantized models. With ``d_i`` the GPTQ
 minus RTN negative log-likelihood of window ``i`` (summed over its tokens) and ``n`` the tokens,
@@ -12,6 +13,12 @@ the log-perplexity difference is ``Σd_i / n`` with standard error ``√W · std
 95% interval is ±1.96 standard errors (windows are treated as independent, which adjacent
 windows of one text only approximately are). The share of RTN's gap to fp32 that GPTQ closes
 is ``(log ppl_RTN − log ppl_GPTQ) / (log ppl_RTN − log ppl_fp32)``, given with the same interval.
+
+``--calib`` is pydoc's calibration half by default. ``--calib prose`` calibrates on the prose
+corpus's calibration half (``corpora.prose_split()[0]``, disjoint from the prose evaluation
+windows): in-domain calibration for the prose rows, an estimate of how much of the prose gap
+GPTQ can close at all when it is given text of that domain. Any other value is a
+``lowbit.calib`` spec (a file, a mix such as ``pydoc:0.5,self:0.5``).
 Writes the section of BENCHMARKS.md between the gptq-paired markers and
 ``bench/out/gptq-paired-<scheme>.json``.
 """
@@ -36,6 +43,7 @@ from common import write_section  # noqa: E402
 from corpora import prose_split  # noqa: E402
 
 import lowbit  # noqa: E402
+from lowbit.algorithms.gptq import DEFAULT_DAMP  # noqa: E402
 from lowbit.calib import calibration_windows  # noqa: E402
 from lowbit.eval import eval_text, token_windows  # noqa: E402
 from lowbit.eval.kl import token_kl  # noqa: E402
@@ -81,28 +89,54 @@ def main() -> None:
     ap.add_argument("--scheme", default="w4g128-asym")
     ap.add_argument("--windows", type=int, default=64, help="evaluation windows per corpus")
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--samples", type=int, default=32, help="GPTQ calibration windows (pydoc)")
+    ap.add_argument("--samples", type=int, default=32, help="GPTQ calibration windows")
+    ap.add_argument("--calib", default="pydoc", help="pydoc, prose (its calibration half) or a lowbit.calib spec")
+    ap.add_argument("--damp", type=float, default=DEFAULT_DAMP, help="GPTQ relative dampening")
     args = ap.parse_args()
     torch.manual_seed(0)
     loaded = load_model("smollm2-135m")
     fp32, tok = loaded.model.eval(), loaded.tokenizer
     rtn = lowbit.quantize(copy.deepcopy(fp32), args.scheme)
     t0 = time.perf_counter()
-    calib = calibration_windows(tok, "pydoc", args.samples, args.seq_len)
-    gptq = lowbit.quantize(copy.deepcopy(fp32), args.scheme, method="gptq", calib=calib)
+    calib = calibration_windows(tok, calib_spec(args.calib), args.samples, args.seq_len, model=fp32)
+    gptq = lowbit.quantize(copy.deepcopy(fp32), args.scheme, method="gptq", calib=calib, damp=args.damp)
     seconds = time.perf_counter() - t0
     models = {"fp32": fp32, "rtn": rtn, "gptq": gptq}
-    result = {"scheme": args.scheme, "samples": args.samples, "seq_len": args.seq_len, "gptq_seconds": seconds}
+    result = {"scheme": args.scheme, "samples": args.samples, "seq_len": args.seq_len, "gptq_seconds": seconds,
+              "calib": args.calib, "damp": args.damp}
     for corpus, text in (("pydoc", eval_text(None)), ("prose", prose_split()[1])):
         windows = token_windows(tok, text, args.seq_len, args.windows)
         result[corpus] = summarize(per_window(models, windows), windows.shape[0] * (windows.shape[1] - 1))
         print(corpus, json.dumps(result[corpus]), flush=True)
-    out = HERE / "out" / f"gptq-paired-{args.scheme.replace(':', '_')}.json"
+    label = args.scheme if (args.calib, args.damp) == ("pydoc", DEFAULT_DAMP) else \
+        f"{args.scheme}-{Path(args.calib).name}-damp{args.damp:g}"
+    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in label)
+    out = HERE / "out" / f"gptq-paired-{safe}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out)
-    write_markdown(sorted((HERE / "out").glob("gptq-paired-*.json")))
+    # the default calibration's rows first, then the other calibrations of the same scheme
+    write_markdown(sorted((HERE / "out").glob("gptq-paired-*.json"), key=lambda f: ("-damp" in f.stem, f.name)))
+
+
+def calib_spec(calib: str) -> str:
+    """A ``lowbit.calib`` spec for ``--calib``: ``prose`` becomes a file holding its calibration half."""
+    if calib != "prose":
+        return calib
+    path = HERE / "out" / "prose-calibration-half.txt"  # the file bench/gptq.py's `-prose` cell uses
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(prose_split()[0], encoding="utf-8")
+        os.replace(tmp, path)
+    return str(path)
+
+
+def _calibration(r: dict) -> str:
+    calib = r.get("calib", "pydoc")
+    calib = {"prose": "prose (in domain for prose)"}.get(calib, Path(calib).name)
+    return f"{calib} {r['samples']}×{r['seq_len']}, damp {r.get('damp', DEFAULT_DAMP):g}"
 
 
 def write_markdown(files: list[Path]) -> None:
@@ -110,22 +144,24 @@ def write_markdown(files: list[Path]) -> None:
         MARK_BEGIN,
         "### Is the GPTQ gain real? Paired RTN-against-GPTQ comparisons on more windows",
         "",
-        "Reproduce: `python3 bench/gptq_paired.py --scheme SCHEME --windows W` (one run per row). RTN and GPTQ "
-        "(lowbit's defaults, pydoc calibration) are scored on the same windows; the difference is paired "
+        "Reproduce: `python3 bench/gptq_paired.py --scheme SCHEME --windows W [--calib C --damp D]` "
+        "(one run per pair of rows). RTN and GPTQ (act-order, the calibration and dampening the row names) "
+        "are scored on the same windows; the difference is paired "
         "window by window, ± is the 95% interval (1.96 standard errors over windows). "
         "\"Gap closed\" is the share of RTN's log-perplexity gap to fp32 that GPTQ removes. "
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}.",
         "",
-        "| scheme | corpus | windows | fp32 ppl | RTN ppl | GPTQ ppl | GPTQ − RTN (log ppl) | gap closed "
-        "| RTN KL | GPTQ KL |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| scheme | GPTQ calibration | corpus | windows | fp32 ppl | RTN ppl | GPTQ ppl | GPTQ − RTN (log ppl) "
+        "| gap closed | RTN KL | GPTQ KL |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for f in files:
         r = json.loads(f.read_text())
         for corpus in ("pydoc", "prose"):
             s = r[corpus]
             lines.append(
-                f"| {r['scheme']} | {corpus} | {s['windows']} | {s['ppl']['fp32']:.2f} | {s['ppl']['rtn']:.2f} "
+                f"| {r['scheme']} | {_calibration(r)} | {corpus} | {s['windows']} | {s['ppl']['fp32']:.2f} "
+                f"| {s['ppl']['rtn']:.2f} "
                 f"| {s['ppl']['gptq']:.2f} | {s['gptq_minus_rtn_logppl']:+.4f} ± {Z95 * s['se']:.4f} "
                 f"| {100 * s['gap_closed']:.0f}% ± {100 * Z95 * s['gap_closed_se']:.0f}% "
                 f"| {s['kl']['rtn']:.3f} | {s['kl']['gptq']:.3f} |")
