@@ -5,7 +5,8 @@
 
 ``bench/gptq.py`` scores each cell on 16 windows per corpus, where a 1% perplexity difference
 can be chance. This script quantizes one scheme twice in this process (round-to-nearest, and
-GPTQ with lowbit's defaults on ``--samples`` calibration windows), then scores fp32, RTN
+GPTQ with act-order and ``--damp``, lowbit's default unless given, on ``--samples`` calibration
+windows), then scores fp32, RTN
 and GPTQ on the same ``--windows`` windows of each corpus, window by window: perplexity, KL
 against fp32, and the paired difference of the two quantized models. With ``d_i`` the GPTQ
 minus RTN negative log-likelihood of window ``i`` (summed over its tokens) and ``n`` the tokens,
@@ -20,7 +21,7 @@ windows): in-domain calibration for the prose rows, an estimate of how much of t
 GPTQ can close at all when it is given text of that domain. Any other value is a
 ``lowbit.calib`` spec (a file, a mix such as ``pydoc:0.5,self:0.5``).
 Writes the section of BENCHMARKS.md between the gptq-paired markers and
-``bench/out/gptq-paired-<scheme>.json``.
+``bench/out/gptq-paired-<scheme>.json`` (``<scheme>-<calib>-damp<d>`` when either is not the default).
 """
 from __future__ import annotations
 
