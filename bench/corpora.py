@@ -44,6 +44,7 @@ API:
 * ``prose_documents(books=BOOKS) -> list[str]``: every document, Alice's chapters first.
 * ``prose_text(books=BOOKS) -> str``: all documents joined with a blank line.
 * ``prose_split(books=BOOKS) -> (calibration_half, evaluation_half)``: see its docstring.
+* ``prose_calibration_file(path) -> Path``: the calibration half as a text file, for ``--calib``.
 * ``raw_files() -> dict[str, bytes]``: the verified files as shipped; ``cache_dir() -> Path``.
 
 ``BOOKS = ("alice", "lcet10")``; pass ``books=("lcet10",)`` for the proceedings alone.
@@ -271,6 +272,15 @@ def prose_split(books: Sequence[str] = BOOKS) -> tuple[str, str]:
     calib = _interleave([book[0::2] for book in chosen])
     evaluation = _interleave([book[1::2] for book in chosen])
     return DOC_SEPARATOR.join(calib), DOC_SEPARATOR.join(evaluation)
+
+
+def prose_calibration_file(path: Path) -> Path:
+    """``path``, holding the calibration half of ``prose_split()`` (written atomically when absent),
+    for ``lowbit quantize --calib PATH``: calibration text from the prose domain that no prose
+    evaluation window contains."""
+    if not path.exists():
+        _write_atomic(path, prose_split()[0].encode("utf-8"))
+    return path
 
 
 if __name__ == "__main__":

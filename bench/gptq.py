@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import hf_folder, reference_logprobs, score, write_section  # noqa: E402
-from corpora import prose_split  # noqa: E402
+from corpora import prose_calibration_file, prose_split  # noqa: E402
 from peers._main import ERROR_PREFIX  # noqa: E402
 from rss import measure  # noqa: E402
 
@@ -43,6 +43,7 @@ from lowbit.hf.load import load_lowbit, load_model  # noqa: E402
 from lowbit.report import manifest_bits_per_weight  # noqa: E402
 
 OUT = HERE / "out" / "gptq"
+PROSE_CALIB = OUT.parent / "prose-calibration-half.txt"  # corpora.prose_calibration_file writes it
 MARK_BEGIN, MARK_END = "<!-- gptq:begin -->", "<!-- gptq:end -->"
 PROSE_NAME = ("the evaluation half of out-of-domain English prose (Alice in Wonderland and the Library of Congress "
               "1992 Workshop on Electronic Texts, from the Canterbury corpus in the PyPI sdist brotli==1.2.1; "
@@ -62,7 +63,7 @@ CELLS = [c for s in SCHEMES for c in ((f"{s}/rtn", s, "rtn", []), (f"{s}/gptq", 
     ("uint4_fz:g64:hqq/gptq-damp0.1-actorder", "uint4_fz:g64:hqq", "gptq", ["--damp", "0.1", "--act-order"]),
     ("uint4_fz:g64:hqq/gptq-damp10-actorder", "uint4_fz:g64:hqq", "gptq", ["--damp", "10", "--act-order"]),
     ("uint4_fz:g64:hqq/gptq-damp1-prose", "uint4_fz:g64:hqq", "gptq",
-     ["--damp", "1.0", "--calib", str(OUT.parent / "prose-calibration-half.txt")]),
+     ["--damp", "1.0", "--calib", str(PROSE_CALIB)]),
     ("uint4_fz:g64:hqq/gptq-damp1-128", "uint4_fz:g64:hqq", "gptq", ["--damp", "1.0", "--samples", "128"]),
     ("uint3_fz:g64:hqq/rtn", "uint3_fz:g64:hqq", "rtn", []),
     ("uint3_fz:g64:hqq/gptq-damp1", "uint3_fz:g64:hqq", "gptq", ["--damp", "1.0"]),
@@ -117,9 +118,7 @@ def main() -> None:
         write_markdown(CELLS, args)
         return
     (OUT / "models").mkdir(parents=True, exist_ok=True)
-    prose_calib = OUT.parent / "prose-calibration-half.txt"  # the `-prose` cell calibrates on it
-    if not prose_calib.exists():
-        prose_calib.write_text(prose_split()[0], encoding="utf-8")
+    prose_calibration_file(PROSE_CALIB)  # the `-prose` cell calibrates on it
     cells = [c for c in CELLS if not args.only or c[0] in args.only.split(",")]
     todo = [c for c in cells if args.fresh or not _path(c[0], args).exists()]
     if todo or args.fresh or not _path("fp32", args).exists():

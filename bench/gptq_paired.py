@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import write_section  # noqa: E402
-from corpora import prose_split  # noqa: E402
+from corpora import prose_calibration_file, prose_split  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.algorithms.gptq import DEFAULT_DAMP  # noqa: E402
@@ -125,13 +125,7 @@ def calib_spec(calib: str) -> str:
     """A ``lowbit.calib`` spec for ``--calib``: ``prose`` becomes a file holding its calibration half."""
     if calib != "prose":
         return calib
-    path = HERE / "out" / "prose-calibration-half.txt"  # the file bench/gptq.py's `-prose` cell uses
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(prose_split()[0], encoding="utf-8")
-        os.replace(tmp, path)
-    return str(path)
+    return str(prose_calibration_file(HERE / "out" / "prose-calibration-half.txt"))  # as bench/gptq.py
 
 
 def _calibration(r: dict) -> str:
