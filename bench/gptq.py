@@ -6,7 +6,9 @@ Every cell quantizes with the real CLI in a child process (``lowbit quantize``),
 ``bench/rss.py`` for wall time and peak RSS, then the saved folder is scored here against cached
 fp32 log-probabilities on both corpora: perplexity and KL(P_fp32 ‖ P_quantized). Cells are kept
 in ``bench/out/gptq/*.json``; a finished cell is not recomputed unless --fresh is given, so a
-killed run resumes. Writes the section of BENCHMARKS.md between the gptq markers.
+killed run resumes. Writes the section of BENCHMARKS.md between the gptq markers: a cell with no
+cached result (``--only`` ran others, or ``bench/out`` was cleared) keeps the row it has there,
+if that section was made with the same windows, sequence length and samples.
 
 Peer cells (``(peer)``) run the peer's quantizer in its own virtual environment
 (``bench/peers/setup.sh hqq`` and ``bench/peers/setup.sh llmcompressor`` first) on one fp32
@@ -133,7 +135,7 @@ def main() -> None:
         for cell in todo:
             print(f"[bench] {cell[0]}", flush=True)
             _write(_path(cell[0], args), run_cell(cell, corpora, refs, args))
-    write_markdown(cells, args)
+    write_markdown(CELLS, args)  # every cell: cached results, else the row already in BENCHMARKS.md
 
 
 def run_cell(cell: tuple, corpora: dict, refs: dict, args) -> dict:
@@ -231,10 +233,25 @@ def _calibration(r: dict, args) -> str:
     return f"{calib} {r['samples']}×{args.seq_len}, damp {damp}{order}"
 
 
+def _kept_rows(path: Path, cmd: str) -> dict[str, str]:
+    """The current section's table rows, by cell name, if that section was made with ``cmd``'s settings.
+
+    A cell with no cached result (``--only`` ran others, or ``bench/out`` is gone) keeps its row.
+    """
+    _, _, rest = (path.read_text() if path.exists() else "").partition(MARK_BEGIN)
+    section = rest.partition(MARK_END)[0]
+    if f"Reproduce: `{cmd}`" not in section:
+        return {}
+    rows = (line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| cell |"))
+    return {line.split("|")[1].strip(): line for line in rows}
+
+
 def write_markdown(cells: list, args) -> None:
+    if not _path("fp32", args).exists():
+        raise SystemExit(f"bench/gptq.py: no fp32 scores at {_path('fp32', args)}; run without --report-only first")
     base = json.loads(_path("fp32", args).read_text())
-    rows = [json.loads(_path(c[0], args).read_text()) for c in cells if _path(c[0], args).exists()]
     cmd = f"python3 bench/gptq.py --windows {args.windows} --seq-len {args.seq_len} --samples {args.samples}"
+    kept = _kept_rows(HERE.parent / "BENCHMARKS.md", cmd)
     lines = [
         MARK_BEGIN,
         "## SmolLM2-135M-Instruct: round-to-nearest against GPTQ, in and out of domain",
@@ -251,7 +268,12 @@ def write_markdown(cells: list, args) -> None:
         "| quantize s | peak RSS |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
+    for name, *_ in cells:
+        if not _path(name, args).exists():
+            if name in kept:
+                lines.append(kept[name])
+            continue
+        r = json.loads(_path(name, args).read_text())
         if "error" in r:
             error = r["error"].replace("`", "'").replace("|", "/")  # keep the table cell intact
             lines.append(f"| {r['cell']} | refused: {error} |" + " |" * 9)
