@@ -22,6 +22,8 @@ GPTQ can close at all when it is given text of that domain. Any other value is a
 ``lowbit.calib`` spec (a file, a mix such as ``pydoc:0.5,self:0.5``).
 Writes the section of BENCHMARKS.md between the gptq-paired markers and
 ``bench/out/gptq-paired-<scheme>.json`` (``<scheme>-<calib>-damp<d>`` when either is not the default).
+Rows already in that section whose json is gone (``bench/out`` was cleared) are kept; a rerun of
+the same scheme and calibration replaces its rows in place.
 """
 from __future__ import annotations
 
@@ -134,7 +136,7 @@ def _calibration(r: dict) -> str:
     return f"{calib} {r['samples']}×{r['seq_len']}, damp {r.get('damp', DEFAULT_DAMP):g}"
 
 
-def write_markdown(files: list[Path]) -> None:
+def write_markdown(files: list[Path], path: Path = HERE.parent / "BENCHMARKS.md") -> None:
     lines = [
         MARK_BEGIN,
         "### Is the GPTQ gain real? Paired RTN-against-GPTQ comparisons on more windows",
@@ -150,18 +152,29 @@ def write_markdown(files: list[Path]) -> None:
         "| gap closed | RTN KL | GPTQ KL |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    rows = _kept_rows(path)  # runs whose json is gone keep their rows
     for f in files:
         r = json.loads(f.read_text())
-        for corpus in ("pydoc", "prose"):
-            s = r[corpus]
-            lines.append(
-                f"| {r['scheme']} | {_calibration(r)} | {corpus} | {s['windows']} | {s['ppl']['fp32']:.2f} "
-                f"| {s['ppl']['rtn']:.2f} "
-                f"| {s['ppl']['gptq']:.2f} | {s['gptq_minus_rtn_logppl']:+.4f} ± {Z95 * s['se']:.4f} "
-                f"| {100 * s['gap_closed']:.0f}% ± {100 * Z95 * s['gap_closed_se']:.0f}% "
-                f"| {s['kl']['rtn']:.3f} | {s['kl']['gptq']:.3f} |")
-    lines += ["", MARK_END]
-    write_section(HERE.parent / "BENCHMARKS.md", MARK_BEGIN, MARK_END, lines)
+        rows[(r["scheme"], _calibration(r))] = [
+            f"| {r['scheme']} | {_calibration(r)} | {corpus} | {s['windows']} | {s['ppl']['fp32']:.2f} "
+            f"| {s['ppl']['rtn']:.2f} "
+            f"| {s['ppl']['gptq']:.2f} | {s['gptq_minus_rtn_logppl']:+.4f} ± {Z95 * s['se']:.4f} "
+            f"| {100 * s['gap_closed']:.0f}% ± {100 * Z95 * s['gap_closed_se']:.0f}% "
+            f"| {s['kl']['rtn']:.3f} | {s['kl']['gptq']:.3f} |"
+            for corpus, s in ((c, r[c]) for c in ("pydoc", "prose"))]
+    lines += [row for pair in rows.values() for row in pair] + ["", MARK_END]
+    write_section(path, MARK_BEGIN, MARK_END, lines)
+
+
+def _kept_rows(path: Path) -> dict[tuple[str, str], list[str]]:
+    """The table rows already in ``path``'s section, by (scheme, calibration), in their order."""
+    _, _, rest = (path.read_text() if path.exists() else "").partition(MARK_BEGIN)
+    rows: dict[tuple[str, str], list[str]] = {}
+    for line in rest.partition(MARK_END)[0].splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if line.startswith("| ") and cells[1] != "scheme":
+            rows.setdefault((cells[1], cells[2]), []).append(line)
+    return rows
 
 
 if __name__ == "__main__":
