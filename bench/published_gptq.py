@@ -17,7 +17,7 @@ numbers, copied below with their sources, and the output is arithmetic on them.
   act-order, true-sequential and static groups (lowbit's GPTQ settings), at W4G128 and W3G128.
   Share = ``(acc_method − acc_RTN) / (acc_FP16 − acc_RTN)``; n/a where RTN is not below FP16.
 
-Both evaluations are out of the calibration domain, as the prose rows of lowbit's table are.
+Both evaluate on other data than they calibrate on, as the prose rows of lowbit's table do.
 Writes the section of BENCHMARKS.md between the published-gptq markers.
 """
 from __future__ import annotations
@@ -87,7 +87,7 @@ def lines() -> list[str]:
         "Reproduce: `python3 bench/published_gptq.py` (arithmetic on published figures, which the "
         "script lists with their sources; no model runs). \"Gap closed\" is defined as in the paired table: "
         "the share of round-to-nearest's gap to full precision that the method removes. Every evaluation "
-        "here lies outside the calibration domain.",
+        "here uses other data than the calibration set.",
         "",
         "The GPTQ authors' own LLaMA results (IST-DASLab/gptq README; WikiText-2 perplexity, calibrated "
         "on C4, act-order, per-channel):",
