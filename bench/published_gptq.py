@@ -14,7 +14,8 @@ numbers, copied below with their sources, and the output is arithmetic on them.
 * auto-round's comparison (intel/auto-round, docs/paper_acc.md at commit
   9d2ee69872331b6ebfbaa884c23cc5e88e8085f9):
   average zero-shot accuracy over 11 tasks, calibrated on 512 samples of pile-10k, GPTQ with
-  act-order, true-sequential and static groups (lowbit's GPTQ settings), at W4G128 and W3G128.
+  act-order, true-sequential and static groups (act-order with static groups is lowbit's default
+  too), at W4G128 and W3G128.
   Share = ``(acc_method − acc_RTN) / (acc_FP16 − acc_RTN)``; n/a where RTN is not below FP16.
 
 Both evaluate on other data than they calibrate on, as the prose rows of lowbit's table do.
