@@ -41,6 +41,14 @@ def score(model, windows: torch.Tensor, ref: list[torch.Tensor]) -> dict:
             "window_nll": window_nll}
 
 
+def read_section(path: Path, begin: str, end: str) -> str:
+    """The text between the markers ``begin`` and ``end`` of ``path``; empty if either is absent."""
+    text = path.read_text() if path.exists() else ""
+    if begin not in text:
+        return ""
+    return text.partition(begin)[2].partition(end)[0]
+
+
 def write_section(path: Path, begin: str, end: str, lines: list[str]) -> None:
     """Replace the text between the markers ``begin`` and ``end`` of ``path`` (appended if absent).
 

@@ -33,7 +33,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import hf_folder, reference_logprobs, score, write_section  # noqa: E402
+from common import hf_folder, read_section, reference_logprobs, score, write_section  # noqa: E402
 from corpora import prose_calibration_file, prose_split  # noqa: E402
 from peers._main import ERROR_PREFIX  # noqa: E402
 from rss import measure  # noqa: E402
@@ -238,8 +238,7 @@ def _kept_rows(path: Path, cmd: str) -> dict[str, str]:
 
     A cell with no cached result (``--only`` ran others, or ``bench/out`` is gone) keeps its row.
     """
-    _, _, rest = (path.read_text() if path.exists() else "").partition(MARK_BEGIN)
-    section = rest.partition(MARK_END)[0]
+    section = read_section(path, MARK_BEGIN, MARK_END)
     if f"Reproduce: `{cmd}`" not in section:
         return {}
     rows = (line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| cell |"))

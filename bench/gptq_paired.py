@@ -42,7 +42,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import write_section  # noqa: E402
+from common import read_section, write_section  # noqa: E402
 from corpora import prose_calibration_file, prose_split  # noqa: E402
 
 import lowbit  # noqa: E402
@@ -168,9 +168,8 @@ def write_markdown(files: list[Path], path: Path = HERE.parent / "BENCHMARKS.md"
 
 def _kept_rows(path: Path) -> dict[tuple[str, str], list[str]]:
     """The table rows already in ``path``'s section, by (scheme, calibration), in their order."""
-    _, _, rest = (path.read_text() if path.exists() else "").partition(MARK_BEGIN)
     rows: dict[tuple[str, str], list[str]] = {}
-    for line in rest.partition(MARK_END)[0].splitlines():
+    for line in read_section(path, MARK_BEGIN, MARK_END).splitlines():
         cells = [c.strip() for c in line.split("|")]
         if line.startswith("| ") and cells[1] != "scheme":
             rows.setdefault((cells[1], cells[2]), []).append(line)

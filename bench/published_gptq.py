@@ -45,22 +45,22 @@ GPTQ_README = {  # model: (FP16, 4bit RTN, 4bit GPTQ, 3bit RTN, 3bit GPTQ)
 
 # intel/auto-round docs/paper_acc.md, the "Avg." column of tables 2 (W4G128) and 3 (W3G128).
 # "SignRound" is the table's "Ours"; "GPTQ*" (re-seeded runs) is listed as GPTQ.
-AUTOROUND_ACC = {  # model: {method: (W4G128 avg, W3G128 avg)}
-    "Mistral-7B": {"FP16": (63.30, 63.30), "RTN": (62.36, 58.20), "GPTQ": (62.32, 59.91), "AWQ": (62.16, 59.96),
+AUTOROUND_ACC = {  # model: {"FP16": avg, method: (W4G128 avg, W3G128 avg)}
+    "Mistral-7B": {"FP16": 63.30, "RTN": (62.36, 58.20), "GPTQ": (62.32, 59.91), "AWQ": (62.16, 59.96),
                    "SignRound": (62.62, 60.43)},
-    "Llama-2-7B": {"FP16": (57.98, 57.98), "RTN": (56.92, 53.81), "GPTQ": (56.85, 54.14), "AWQ": (57.35, 55.21),
+    "Llama-2-7B": {"FP16": 57.98, "RTN": (56.92, 53.81), "GPTQ": (56.85, 54.14), "AWQ": (57.35, 55.21),
                    "SignRound": (57.57, 56.68)},
-    "Llama-2-13B": {"FP16": (61.42, 61.42), "RTN": (60.65, 58.57), "GPTQ": (61.00, 59.58), "AWQ": (60.91, 58.86),
+    "Llama-2-13B": {"FP16": 61.42, "RTN": (60.65, 58.57), "GPTQ": (61.00, 59.58), "AWQ": (60.91, 58.86),
                     "SignRound": (60.85, 59.44)},
-    "Llama-2-70B": {"FP16": (66.12, 66.12), "RTN": (65.87, 64.08), "GPTQ": (66.22, 65.08), "AWQ": (66.23, 65.12),
+    "Llama-2-70B": {"FP16": 66.12, "RTN": (65.87, 64.08), "GPTQ": (66.22, 65.08), "AWQ": (66.23, 65.12),
                     "SignRound": (66.39, 65.31)},
-    "LLaMA-7B": {"FP16": (57.01, 57.01), "RTN": (56.42, 53.25), "GPTQ": (55.78, 53.38), "AWQ": (56.07, 54.96),
+    "LLaMA-7B": {"FP16": 57.01, "RTN": (56.42, 53.25), "GPTQ": (55.78, 53.38), "AWQ": (56.07, 54.96),
                  "SignRound": (56.84, 54.54)},
-    "LLaMA-13B": {"FP16": (60.33, 60.33), "RTN": (59.34, 56.57), "GPTQ": (59.58, 57.14), "AWQ": (59.84, 58.37),
+    "LLaMA-13B": {"FP16": 60.33, "RTN": (59.34, 56.57), "GPTQ": (59.58, 57.14), "AWQ": (59.84, 58.37),
                   "SignRound": (60.07, 58.93)},
-    "LLaMA-30B": {"FP16": (63.65, 63.65), "RTN": (62.96, 61.52), "GPTQ": (62.92, 61.57), "AWQ": (63.35, 62.44),
+    "LLaMA-30B": {"FP16": 63.65, "RTN": (62.96, 61.52), "GPTQ": (62.92, 61.57), "AWQ": (63.35, 62.44),
                   "SignRound": (63.20, 62.51)},
-    "LLaMA-65B": {"FP16": (65.15, 65.15), "RTN": (65.26, 63.82), "GPTQ": (64.91, 64.32), "AWQ": (65.15, 64.45),
+    "LLaMA-65B": {"FP16": 65.15, "RTN": (65.26, 63.82), "GPTQ": (64.91, 64.32), "AWQ": (65.15, 64.45),
                   "SignRound": (65.08, 64.59)},
 }
 METHODS = ("GPTQ", "AWQ", "SignRound")
@@ -110,19 +110,18 @@ def lines() -> list[str]:
     ]
     shares = {(m, b): [] for m in METHODS for b in (0, 1)}
     for model, acc in AUTOROUND_ACC.items():
-        cells = [f"{acc['FP16'][0]:.2f} / {acc['RTN'][0]:.2f}"]
+        cells = [f"{acc['FP16']:.2f} / {acc['RTN'][0]:.2f}"]
         for b in (0, 1):
             if b == 1:
                 cells.append(f"{acc['RTN'][1]:.2f}")
             for m in METHODS:
-                s = acc_share(acc["FP16"][b], acc["RTN"][b], acc[m][b])
+                s = acc_share(acc["FP16"], acc["RTN"][b], acc[m][b])
                 if s is not None:
                     shares[(m, b)].append(s)
                 cells.append(f"{acc[m][b]:.2f} ({_pct(s)})")
         out.append(f"| {model} | " + " | ".join(cells) + " |")
-    medians = [_pct(statistics.median(shares[(m, 0)])) for m in METHODS] + [""] + \
-              [_pct(statistics.median(shares[(m, 1)])) for m in METHODS]
-    out += [f"| median share | | " + " | ".join(medians) + " |", "", MARK_END]
+    medians = [" | ".join(_pct(statistics.median(shares[(m, b)])) for m in METHODS) for b in (0, 1)]
+    out += [f"| median share | | {medians[0]} |  | {medians[1]} |", "", MARK_END]
     return out
 
 
