@@ -10,13 +10,15 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from lowbit.errors import LowbitError  # noqa: E402
-from lowbit.spec import PerBlock, PerChannel, PerGroup, PerTensor, QuantSpec, Rule  # noqa: E402
+from lowbit.spec import PerBlock, PerChannel, PerGroup, PerTensor, QuantSpec  # noqa: E402
+from lowbit.scheme import ActSpec, Rule, SparsitySpec, TensorScheme  # noqa: E402
 from lowbit.hf.quantizer import install_hook as _install_hf_hook  # noqa: E402
 
 _install_hf_hook()
 
 __all__ = [
-    "LowbitError", "PerBlock", "PerChannel", "PerGroup", "PerTensor", "QuantSpec", "Rule",
+    "LowbitError", "PerBlock", "PerChannel", "PerGroup", "PerTensor", "QuantSpec", "Rule", "ActSpec",
+    "SparsitySpec", "TensorScheme",
     "quantize", "save", "load", "load_model", "parse_scheme", "get_format", "__version__",
 ]
 

@@ -16,7 +16,8 @@ from torch import nn
 from lowbit.apply import quantize_model
 from lowbit.errors import LowbitError
 from lowbit.plan import default_plan
-from lowbit.spec import QuantSpec, Rule
+from lowbit.scheme import Rule
+from lowbit.spec import QuantSpec
 
 Plan = str | QuantSpec | list[Rule]
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from lowbit.errors import LowbitError
 from lowbit.plan import resolve_targets
 from lowbit.qtensor import QuantizedTensor
-from lowbit.spec import Rule
+from lowbit.scheme import Rule
 
 _ATTR = "_lowbit_qtensors"
 

@@ -1,7 +1,7 @@
 """Which tensors of a model get quantized, and to what.
 
 A *plan* is an ordered list of ``Rule``s; each tensor key is resolved against it and the last
-matching rule wins (``spec.resolve``). Tensor keys are module names (``model.layers.0.mlp.up_proj``)
+matching rule wins (``scheme.resolve``). Tensor keys are module names (``model.layers.0.mlp.up_proj``)
 for Linear, Conv and Embedding weights, and ``module.param`` for fused expert tensors
 (``model.layers.0.mlp.experts.gate_up_proj``).
 """
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from lowbit.capture import find_blocks
-from lowbit.spec import QuantSpec, Rule
+from lowbit.scheme import Rule, TensorScheme, resolve
+from lowbit.spec import QuantSpec
 
 #: Routers and per-expert gates stay in full precision under the default plan: they are tiny
 #: and steer which experts run (llm-compressor and GPTQModel leave them alone too).
@@ -79,13 +80,16 @@ def default_plan(model: nn.Module, spec: QuantSpec) -> list[Rule]:
     return [Rule(f"^{re.escape(k)}$", spec) for k in keys]
 
 
-def resolve_targets(model: nn.Module, plan: list[Rule]) -> list[tuple[Target, QuantSpec]]:
-    """The (target, spec) pairs that ``plan`` quantizes; the last matching rule wins."""
-    from lowbit.spec import resolve
-
+def resolve_schemes(model: nn.Module, plan: list[Rule]) -> list[tuple[Target, TensorScheme]]:
+    """The (target, scheme) pairs that ``plan`` touches; the last matching rule wins."""
     pairs = []
     for t in targets(model):
-        spec = resolve(plan, t.key)
-        if spec is not None:
-            pairs.append((t, spec))
+        scheme = resolve(plan, t.key)
+        if scheme is not None:
+            pairs.append((t, scheme))
     return pairs
+
+
+def resolve_targets(model: nn.Module, plan: list[Rule]) -> list[tuple[Target, QuantSpec]]:
+    """The (target, weight spec) pairs that ``plan`` quantizes; the last matching rule wins."""
+    return [(t, s.weight) for t, s in resolve_schemes(model, plan) if s.weight is not None]

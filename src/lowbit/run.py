@@ -34,7 +34,8 @@ from lowbit.observe import eager_experts, observe
 from lowbit.plan import Target, resolve_targets
 from lowbit.qtensor import QuantizedTensor, matrix_view
 from lowbit.quantizer import check_weight, pack_matrix, quantize_matrix, quantize_weight
-from lowbit.spec import QuantSpec, Rule, tile_of
+from lowbit.scheme import Rule
+from lowbit.spec import QuantSpec, tile_of
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """What a tensor becomes: frozen, validated, JSON round-trippable specs.
 
 A ``QuantSpec`` says *what* (format, granularity, scale storage, scale search), never *how* a
-weight is calibrated; algorithms take a spec and a weight. A ``Rule`` maps a module-name regex
-to a spec (or to ``None`` = leave alone); in a plan the last matching rule wins.
+weight is calibrated; algorithms take a spec and a weight. ``lowbit.scheme`` builds on it: a
+layer's ``TensorScheme`` (weight, input activations, sparsity) and the ``Rule`` that maps names to it.
 """
 from __future__ import annotations
 
@@ -129,29 +129,3 @@ class QuantSpec:
         if kind is None:
             raise LowbitError(f"unknown granularity {d['granularity']!r}")
         return cls(format_from_dict(d["format"]), kind(**g), d["scale_dtype"], d["scale_search"])
-
-
-@dataclass(frozen=True)
-class Rule:
-    """Module-name regex -> spec; ``spec=None`` leaves matching modules alone."""
-
-    pattern: str
-    spec: QuantSpec | None
-
-    def __post_init__(self) -> None:
-        try:
-            re.compile(self.pattern)
-        except re.error as e:
-            raise LowbitError(f"rule pattern {self.pattern!r} is not a valid regex: {e}") from None
-
-    def matches(self, name: str) -> bool:
-        return re.search(self.pattern, name) is not None
-
-
-def resolve(plan: list[Rule], name: str) -> QuantSpec | None:
-    """The spec for module ``name`` under ``plan``: the last matching rule wins."""
-    spec = None
-    for rule in plan:
-        if rule.matches(name):
-            spec = rule.spec
-    return spec

@@ -24,7 +24,7 @@ from lowbit.export import compressed_tensors as ct_export  # noqa: E402
 from lowbit.io import collect, read_manifest, read_weights, save  # noqa: E402
 from lowbit.qtensor import QuantizedTensor  # noqa: E402
 from lowbit.schemes import describe, parse_scheme  # noqa: E402
-from lowbit.spec import Rule  # noqa: E402
+from lowbit.scheme import Rule  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
 import families  # noqa: E402

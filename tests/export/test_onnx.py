@@ -13,7 +13,7 @@ from lowbit.apply import quantized_tensors
 from lowbit.errors import LowbitError
 from lowbit.plan import default_plan
 from lowbit.schemes import parse_scheme
-from lowbit.spec import Rule
+from lowbit.scheme import Rule
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")

@@ -123,7 +123,7 @@ def test_model_without_blocks_is_one_block():
 
 
 def test_tensors_outside_the_blocks_are_rounded_and_reported():
-    from lowbit.spec import Rule
+    from lowbit.scheme import Rule
 
     model = build("qwen2")
     spec = parse_scheme("uint4:g32")
