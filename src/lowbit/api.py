@@ -1,7 +1,8 @@
 """The small public API: ``quantize``, ``save``, ``load``.
 
     import lowbit
-    model = lowbit.quantize(model, "w4g128")      # a preset, a spec string, a QuantSpec or a plan
+    model = lowbit.quantize(model, "w4g128")      # a preset, a scheme string, a QuantSpec, a scheme or rules
+    model = lowbit.quantize(model, "w8a8", method="smoothquant+rtn", calib=windows)
     lowbit.save(model, "out/", tokenizer=tok)
     model = lowbit.load("out/")                     # Hugging Face models rebuild from config.json
 """
@@ -13,50 +14,67 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.apply import quantize_model
 from lowbit.errors import LowbitError
-from lowbit.plan import default_plan
-from lowbit.scheme import Rule
+from lowbit.models.targets import default_plan
+from lowbit.modifiers.base import Modifier
+from lowbit.recipe.recipe import Recipe, from_methods
+from lowbit.scheme import Rule, TensorScheme
 from lowbit.spec import QuantSpec
 
-Plan = str | QuantSpec | list[Rule]
+Plan = str | QuantSpec | TensorScheme | list[Rule]
 
 
 def make_plan(model: nn.Module, plan: Plan) -> list[Rule]:
-    """A plan from a preset or spec string, a ``QuantSpec`` (default plan) or a rule list."""
+    """Rules from a preset or scheme string, a ``QuantSpec`` or ``TensorScheme`` (default plan), or rules."""
     if isinstance(plan, str):
-        from lowbit.schemes import parse_scheme
+        from lowbit.schemes import parse_tensor_scheme
 
-        plan = parse_scheme(plan)
-    if isinstance(plan, QuantSpec):
+        plan = parse_tensor_scheme(plan)
+    if isinstance(plan, (QuantSpec, TensorScheme)):
         return default_plan(model, plan)
     if isinstance(plan, (list, tuple)) and all(isinstance(r, Rule) for r in plan):
         return list(plan)
-    raise LowbitError(f"a plan must be a scheme string, a QuantSpec or a list of Rule, not {type(plan).__name__}")
+    raise LowbitError(f"a plan must be a scheme string, a QuantSpec, a TensorScheme or a list of Rule, "
+                      f"not {type(plan).__name__}")
 
 
-def quantize(model: nn.Module, plan: Plan = "w4g128", method: str = "rtn", calib: Any = None,
+def make_recipe(method: str | Modifier | Recipe, options: dict[str, Any]) -> Recipe:
+    """A recipe from ``"a+b"`` plus options, one modifier, or a recipe (then no options)."""
+    if isinstance(method, str):
+        return from_methods(method, options)
+    if options:
+        raise LowbitError("options go with a method name (method='gptq', damp=0.1); a modifier or recipe "
+                          "object carries its own")
+    return Recipe.of(method)
+
+
+def quantize(model: nn.Module, plan: Plan = "w4g128", method: str | Modifier | Recipe = "rtn", calib: Any = None,
              progress: bool = True, **options: Any) -> nn.Module:
-    """Quantize ``model`` in place under ``plan`` (default: round-to-nearest); returns ``model``.
+    """Compress ``model`` in place under ``plan`` with ``method``; returns ``model``.
 
-    ``method``: "rtn" (round-to-nearest), "nupes" (data-free power-exponent search per tensor), or
-    "gptq", which needs ``calib``: model inputs as one tensor (N, T) of token windows (split into
-    batches of 8) or a list of batches. ``options`` go to the method, e.g. ``damp=0.01``.
+    ``method``: a name from ``lowbit.modifiers.REGISTRY`` ("rtn", "hqq", "nupes", "gptq", ...),
+    several joined by ``+`` (one stage each), a modifier object or a ``lowbit.recipe.Recipe``.
+    Methods that need data take ``calib``: model inputs as one tensor (N, T) of token windows
+    (split into batches of 8) or a list of batches. ``options`` go to the methods that have them,
+    e.g. ``damp=0.01``. The run's report is kept as ``model.lowbit_report``.
     """
-    from lowbit.methods import CALIBRATED, calibrated
+    from lowbit.engine.dataless import run_data_free
+    from lowbit.engine.runner import calibrate
+    from lowbit.recipe.plan import plan_recipe
 
+    recipe = make_recipe(method, options)
     rules = make_plan(model, plan)
-    if method not in CALIBRATED:
-        if calib is not None or options:
-            raise LowbitError(f"method {method!r} takes no calibration data or options")
-        return quantize_model(model, rules, method=method, progress=progress)
-    if calib is None:
-        raise LowbitError(f"method {method!r} needs calibration data: pass calib=windows, e.g. from "
-                          "lowbit.calib.calibration_windows(tokenizer, 'pydoc', 128, 512)")
-    from lowbit.run import calibrate
-
-    batches = list(calib.split(8)) if isinstance(calib, torch.Tensor) else list(calib)
-    calibrate(model, rules, calibrated(method, **options), batches, progress=progress)
+    if not recipe.needs_data:
+        if calib is not None:
+            raise LowbitError(f"method {recipe.name!r} takes no calibration data; drop calib")
+        report = run_data_free(model, recipe, plan_recipe(model, recipe, rules), progress=progress)
+    else:
+        if calib is None:
+            raise LowbitError(f"method {recipe.name!r} needs calibration data: pass calib=windows, e.g. from "
+                              "lowbit.calib.calibration_windows(tokenizer, 'pydoc', 128, 512)")
+        batches = list(calib.split(8)) if isinstance(calib, torch.Tensor) else list(calib)
+        report = calibrate(model, rules, recipe, batches, progress=progress)
+    model.__dict__["lowbit_report"] = report
     return model
 
 

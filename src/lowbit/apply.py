@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
-from lowbit.plan import resolve_targets
+from lowbit.models.targets import resolve_targets
 from lowbit.qtensor import QuantizedTensor
 from lowbit.scheme import Rule
 

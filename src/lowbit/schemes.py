@@ -13,13 +13,28 @@ integer zero point and an ``-asym-fz`` variant with a float zero equal to the bl
     scale=DTYPE  float16 (default), bfloat16 or float32
 
 for example ``uint4_fz:g32``, ``fp8_e4m3fn:channel``, ``int3:g128:mse``.
+
+A *scheme string* (``parse_tensor_scheme``) adds a layer's input activations and sparsity to
+the weight spec, as parts joined by ``+``::
+
+    [WEIGHT][+a=ACT][+s=SPARSITY]
+
+    WEIGHT    a preset or spec string as above (may be left out: a pruning-only scheme)
+    ACT       FORMAT[:token|:tensor|:gN][:static][:minmax|:mse|:percentile]; default per token,
+              dynamic (scales computed from each input as it arrives)
+    SPARSITY  R (a fraction of zeros, 0.5 or 50%), N:M (2:4 keeps 2 of every 4 inputs), or
+              channel:R (whole input channels)
+
+for example ``int8:channel+a=int8:token`` (the ``w8a8`` preset), ``s=50%`` (half the weights
+zero, float otherwise), ``int4:g128+s=2:4``. Scheme presets are in ``scheme_presets()``.
 """
 from __future__ import annotations
 
 import re
 
 from lowbit.errors import LowbitError
-from lowbit.formats import get_format
+from lowbit.formats import all_formats, get_format
+from lowbit.scheme import ActSpec, SparsitySpec, TensorScheme
 from lowbit.spec import Granularity, PerBlock, PerChannel, PerGroup, PerTensor, QuantSpec
 
 _INT_PRESETS = {"w8": (8, None), "w4g128": (4, 128), "w4g64": (4, 64), "w4g32": (4, 32),
@@ -58,7 +73,8 @@ def parse_scheme(scheme: str, group_size: int | None = None, scale_search: str |
     case-insensitive.
     """
     head, _, rest = scheme.strip().lower().partition(":")
-    text = presets().get(head, head) + (":" + rest if rest else "")
+    is_format = head in all_formats()  # "mxfp4:g32" names the format, not the preset mxfp4 plus a group
+    text = (head if is_format else presets().get(head, head)) + (":" + rest if rest else "")
     parts = [p for p in text.split(":") if p]
     if not parts:
         raise LowbitError("empty scheme; give a preset such as w4g128 or a spec string such as int4:g128")
@@ -112,3 +128,96 @@ def describe(spec: QuantSpec) -> str:
     if spec.scale_dtype != "float16":
         text += f":scale={spec.scale_dtype}"
     return text
+
+
+#: Presets with activation quantization: preset -> scheme string.
+_SCHEME_PRESETS = {
+    "w8a8": "int8:channel+a=int8:token",
+    "w8a8-static": "int8:channel+a=int8:tensor:static",
+    "fp8-dynamic": "fp8_e4m3fn:channel+a=fp8_e4m3fn:token",
+    "w4a8": "int4:g128+a=int8:token",
+    "w4a4": "int4:g128+a=int4:token",
+    "nvfp4-a4": "nvfp4:g16+a=nvfp4:g16",
+    "mxfp4-a4": "mxfp4:g32+a=mxfp4:g32",
+    "mxfp8-a8": "mxfp8_e4m3:g32+a=mxfp8_e4m3:g32",
+}
+
+
+def scheme_presets() -> dict[str, str]:
+    """Presets that quantize activations too: name -> scheme string."""
+    return dict(_SCHEME_PRESETS)
+
+
+def parse_tensor_scheme(text: str, group_size: int | None = None, scale_search: str | None = None) -> TensorScheme:
+    """A scheme string or preset -> ``TensorScheme`` (syntax in the module docstring).
+
+    ``group_size`` and ``scale_search`` override the weight spec's, as for ``parse_scheme``.
+    """
+    text = text.strip().lower()
+    head, _, rest = text.partition(":")
+    if head in _SCHEME_PRESETS:
+        text = _SCHEME_PRESETS[head] + (":" + rest if rest else "")
+    weight = act = sparsity = None
+    for part in (p.strip() for p in text.split("+")):
+        if part.startswith("a="):
+            act = _act(part[2:], text)
+        elif part.startswith("s="):
+            sparsity = _sparsity(part[2:], text)
+        elif part and weight is None:
+            weight = parse_scheme(part, group_size, scale_search)
+        else:
+            raise LowbitError(f"scheme {text!r}: part {part!r} is not understood; write "
+                              "[WEIGHT][+a=ACT][+s=SPARSITY], e.g. int8:channel+a=int8:token")
+    return TensorScheme(weight, act, sparsity)
+
+
+def _act(text: str, scheme: str) -> ActSpec:
+    parts = [p for p in text.split(":") if p]
+    if not parts:
+        raise LowbitError(f"scheme {scheme!r}: a=... needs an activation format, e.g. a=int8:token")
+    try:
+        fmt = get_format(parts[0])
+    except LowbitError:
+        raise LowbitError(f"scheme {scheme!r}: unknown activation format {parts[0]!r}; see `lowbit formats`") from None
+    gran, group, dynamic, observer = ("group", fmt.fixed_block, True, "minmax") if fmt.fixed_block \
+        else ("token", None, True, "minmax")
+    for p in parts[1:]:
+        if p in ("token", "tensor"):
+            gran, group = p, None
+        elif m := re.fullmatch(r"g(\d+)", p):
+            gran, group = "group", int(m.group(1))
+        elif p in ("static", "dynamic"):
+            dynamic = p == "dynamic"
+        elif p in ("minmax", "mse", "percentile"):
+            observer = p
+        else:
+            raise LowbitError(f"scheme {scheme!r}: activation option {p!r} unknown; use token, tensor, gN, "
+                              "static, dynamic, minmax, mse or percentile")
+    return ActSpec(fmt, gran, group, dynamic, observer)
+
+
+def _sparsity(text: str, scheme: str) -> SparsitySpec:
+    def ratio(r: str) -> float:
+        try:
+            return float(r[:-1]) / 100 if r.endswith("%") else float(r)
+        except ValueError:
+            raise LowbitError(f"scheme {scheme!r}: sparsity {text!r} is not a ratio; write 0.5, 50%, 2:4 "
+                              "or channel:0.3") from None
+
+    if m := re.fullmatch(r"(\d+):(\d+)", text):
+        return SparsitySpec("nm", n=int(m.group(1)), m=int(m.group(2)))
+    if text.startswith("channel:"):
+        return SparsitySpec("channel", ratio(text.removeprefix("channel:")))
+    return SparsitySpec("unstructured", ratio(text))
+
+
+def describe_scheme(scheme: TensorScheme) -> str:
+    """The scheme string of ``scheme`` (inverse of ``parse_tensor_scheme``)."""
+    parts = [describe(scheme.weight)] if scheme.weight is not None else []
+    if (a := scheme.input) is not None:
+        gran = f"g{a.group_size}" if a.granularity == "group" else a.granularity
+        text = f"a={a.format.name}:{gran}" + ("" if a.dynamic else ":static")
+        parts.append(text + ("" if a.observer == "minmax" else f":{a.observer}"))
+    if (s := scheme.sparsity) is not None:
+        parts.append(f"s={s.n}:{s.m}" if s.kind == "nm" else f"s={'channel:' if s.kind == 'channel' else ''}{s.ratio:g}")
+    return "+".join(parts)

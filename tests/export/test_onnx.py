@@ -11,7 +11,7 @@ import torch
 import lowbit
 from lowbit.apply import quantized_tensors
 from lowbit.errors import LowbitError
-from lowbit.plan import default_plan
+from lowbit.models.targets import default_plan
 from lowbit.schemes import parse_scheme
 from lowbit.scheme import Rule
 

@@ -8,7 +8,7 @@ import torch
 
 import lowbit
 from lowbit.apply import quantized_tensors
-from lowbit.plan import default_plan, targets
+from lowbit.models.targets import default_plan, targets
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import families  # noqa: E402

@@ -299,13 +299,14 @@ def test_config_static_groups_default_follows_act_order():
 
 
 def test_defaults_are_the_measured_ones_and_the_cli_uses_them():
-    """The CLI leaves damp and act-order to GPTQ, whose defaults BENCHMARKS.md measured."""
-    from lowbit.cli_quantize import QuantizeArgs
+    """The gptq method (CLI and recipes) takes its defaults from the GPTQ dataclass, which BENCHMARKS.md measured."""
+    from lowbit.modifiers import make
+    from lowbit.recipe.recipe import from_methods
 
     assert GPTQ().act_order and GPTQ().damp == DEFAULT_DAMP
-    a = QuantizeArgs(model="m", scheme="w4g64", out=None)
-    assert a.damp is None and a.act_order is None  # resolved through GPTQ() in cli_quantize
-
+    assert make("gptq").config == GPTQ()
+    assert from_methods("gptq", {}).stages[0].modifier.config == GPTQ()
+    assert from_methods("gptq", {"damp": 0.1}).stages[0].modifier.config == GPTQ(damp=0.1)
 
 def test_shapes_are_checked():
     with pytest.raises(LowbitError, match="H"):

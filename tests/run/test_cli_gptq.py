@@ -40,9 +40,9 @@ def test_streamed_run_equals_in_memory_run(run, tiny_llama_dir, tmp_path):
     from lowbit.calib import calibration_windows
     from lowbit.hf.load import load_model
     from lowbit.io import read_weights, save
-    from lowbit.methods import calibrated
-    from lowbit.plan import default_plan
-    from lowbit.run import calibrate
+    from lowbit.modifiers import make as calibrated
+    from lowbit.models.targets import default_plan
+    from lowbit.engine.runner import calibrate
     from lowbit.schemes import parse_scheme
 
     out = tmp_path / "streamed"
@@ -94,7 +94,7 @@ def test_kill_9_then_resume_gives_identical_bytes(run, tiny_llama_dir, tmp_path)
 
 
 def test_resume_with_other_arguments_is_refused(run, tiny_llama_dir, tmp_path):
-    from lowbit.checkpoint import RunDir
+    from lowbit.engine.checkpoint import RunDir
 
     RunDir(tmp_path / "out.partial", "0123", resume=False).mark_done(0)
     r = run("quantize", str(tiny_llama_dir), "--out", str(tmp_path / "out"), *GPTQ, "--resume")
@@ -109,7 +109,7 @@ def test_max_memory_refuses_a_run_that_does_not_fit(run, tiny_llama_dir, tmp_pat
 
 
 def test_max_memory_spills_activations_when_that_is_enough(tiny_llama_dir):
-    from lowbit.forecast import Shape, fit
+    from lowbit.engine.forecast import Shape, fit
 
     shape = Shape(resident_bytes=100 << 20, block_bytes=1 << 20, block_params=1 << 18, blocks=2,
                   layers=((64, 64),), hidden=64, intermediate=128, tokens=1 << 20, seq_len=512,
@@ -128,11 +128,11 @@ def test_gptq_options_are_checked_before_loading(run, tmp_path):
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc only")
 def test_peak_rss_is_the_programs_own_not_its_parents():
     """ru_maxrss survives fork+exec; the reported peak must not include a large parent's."""
-    from lowbit.forecast import peak_rss_bytes
+    from lowbit.engine.forecast import peak_rss_bytes
 
     ballast = torch.ones(400 * 2**20 // 4)  # 400 MiB held (and touched) by this parent
     parent = peak_rss_bytes()
-    code = "from lowbit.forecast import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "from lowbit.engine.forecast import peak_rss_bytes; print(peak_rss_bytes())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     del ballast
     assert 0 < child < parent - 300 * 2**20, (child, parent)

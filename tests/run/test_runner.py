@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.methods import calibrated
-from lowbit.plan import default_plan
-from lowbit.run import calibrate
+from lowbit.modifiers import make as calibrated
+from lowbit.models.targets import default_plan
+from lowbit.engine.runner import calibrate
 from lowbit.schemes import parse_scheme
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
 import families  # noqa: E402
@@ -46,7 +46,7 @@ def test_runner_quantizes_every_planned_tensor_of_every_family(name):
 
 def test_layers_sharing_an_input_share_one_statistics_pass():
     from lowbit.algorithms._hessian import HessianStats
-    from lowbit.observe import observe
+    from lowbit.engine.observe import observe
 
     model = build("llama")
     block = model.model.layers[0]
@@ -74,7 +74,7 @@ def test_layers_sharing_an_input_share_one_statistics_pass():
 def test_expert_statistics_match_the_tokens_each_expert_was_routed():
     """Per-expert Hessians equal those built from the router's own top-k choice, by hand."""
     from lowbit.algorithms._hessian import HessianStats
-    from lowbit.observe import observe
+    from lowbit.engine.observe import observe
 
     model = build("mixtral")
     model.set_experts_implementation("eager")  # as the runner does: experts one by one

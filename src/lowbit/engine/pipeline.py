@@ -1,13 +1,13 @@
 """A calibrated quantization run from a model source to a saved folder (``lowbit quantize --method gptq``).
 
 Load (streamed from safetensors when possible) → calibration windows → plan → forecast and
-``--max-memory`` check → ``run.calibrate`` with a checkpoint folder ``<out>.partial`` → save
+``--max-memory`` check → ``engine.runner.calibrate`` with a checkpoint folder ``<out>.partial`` → save
 (shard by shard when streamed) → remove the checkpoint folder.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +15,16 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.capture import find_blocks
-from lowbit.checkpoint import RunDir, fingerprint, started_batch
+from lowbit.models.blocks import find_blocks
+from lowbit.engine.checkpoint import RunDir, fingerprint, started_batch
 from lowbit.errors import LowbitError
-from lowbit.forecast import Shape, fit, measure_flops, parse_bytes, peak_rss_bytes, rss_bytes
-from lowbit.plan import default_plan, resolve_targets
+from lowbit.engine.forecast import Shape, fit, measure_flops, parse_bytes, peak_rss_bytes, rss_bytes
+from lowbit.models.targets import default_plan, resolve_schemes
 from lowbit.qtensor import matrix_shape
-from lowbit.run import RunReport, Streaming, calibrate, restore_block
-from lowbit.spec import QuantSpec
+from lowbit.engine.restore import restore_block
+from lowbit.engine.runner import RunReport, Streaming, calibrate
+from lowbit.recipe.recipe import Recipe
+from lowbit.scheme import TensorScheme
 
 
 @dataclass
@@ -30,10 +32,9 @@ class CalibratedRun:
     """Arguments of a calibrated run, as the CLI collects them."""
 
     source: str
-    spec: QuantSpec
+    scheme: TensorScheme
     out: Path
-    method: str = "gptq"
-    options: dict[str, Any] = field(default_factory=dict)  # e.g. damp, act_order
+    recipe: Recipe
     calib: str = "pydoc"
     samples: int = 128
     seq_len: int = 512
@@ -50,9 +51,7 @@ class CalibratedRun:
 def run_calibrated(args: CalibratedRun, say=print) -> dict[str, Any]:
     """Do the run; returns the numbers for the summary (seconds, peak RSS, forecast, report)."""
     from lowbit.calib import calibration_windows, parse_calib
-    from lowbit.methods import calibrated
 
-    algorithm = calibrated(args.method, **args.options)  # bad options fail before any loading
     max_bytes = parse_bytes(args.max_memory) if args.max_memory else None
     if args.out.exists() and not args.overwrite:
         raise LowbitError(f"output folder {args.out} already exists; choose another --out or pass --overwrite")
@@ -64,7 +63,7 @@ def run_calibrated(args: CalibratedRun, say=print) -> dict[str, Any]:
         raise LowbitError("self-generated calibration text needs the whole model in memory, but this run "
                           "streams its weights; pass --calib pydoc or a text file")
     windows = calibration_windows(tokenizer, args.calib, args.samples, args.seq_len, seed=args.seed, model=model)
-    plan = default_plan(model, args.spec)
+    plan = default_plan(model, args.scheme)
     shape = _shape(model, plan, streamed, args, windows)
     forecast, act_budget, batch = fit(shape, max_bytes, args.act_budget, measure_flops(), streamed is not None)
     say(forecast.describe())
@@ -75,10 +74,9 @@ def run_calibrated(args: CalibratedRun, say=print) -> dict[str, Any]:
         batch = started
     batches = list(windows.split(batch))
     # the batching is part of the run: a resume that split the windows differently would not match
-    run_id = fingerprint(identity, args.spec.to_dict(), args.method, sorted(args.options.items()), windows,
-                         batch, lowbit.__version__)
+    run_id = fingerprint(identity, args.scheme.to_dict(), args.recipe.to_dict(), windows, batch, lowbit.__version__)
     stream = Streaming(streamed.load, streamed.release) if streamed else None
-    report = calibrate(model, plan, algorithm, batches, workdir=workdir, resume=args.resume, fingerprint=run_id,
+    report = calibrate(model, plan, args.recipe, batches, workdir=workdir, resume=args.resume, fingerprint=run_id,
                        streaming=stream, act_budget=act_budget, progress=args.progress)
     _save(model, tokenizer, streamed, workdir, args)
     RunDir(workdir, run_id, resume=True).remove()
@@ -94,7 +92,7 @@ def _open(args: CalibratedRun) -> tuple[nn.Module, Any, Any, Any]:
     path = Path(args.source).expanduser()
     if path.is_dir() and (path / "config.json").is_file() and not (path / "lowbit.json").exists() \
             and any(path.glob("*.safetensors")):
-        from lowbit.hf.stream import open_streamed
+        from lowbit.hf.lazy import open_streamed
 
         streamed = open_streamed(path)
         if streamed is not None:
@@ -109,7 +107,7 @@ def _shape(model: nn.Module, plan: list, streamed: Any, args: CalibratedRun, win
     prefix = f"{found[0]}.0." if found else ""
     modules = dict(model.named_modules())
     layers = tuple(matrix_shape(tuple(getattr(modules[t.module_name], t.param).shape), t.layout)
-                   for t, _ in resolve_targets(model, plan) if t.key.startswith(prefix))
+                   for t, _ in resolve_schemes(model, plan) if t.key.startswith(prefix))
     block = found[1][0] if found else model
     params = sum(p.numel() for p in block.parameters())
     block_bytes = streamed.block_bytes() if streamed else sum(p.numel() * p.element_size() for p in block.parameters())
@@ -119,7 +117,9 @@ def _shape(model: nn.Module, plan: list, streamed: Any, args: CalibratedRun, win
                  layers=layers, hidden=hidden, intermediate=max((r for r, _ in layers), default=hidden),
                  tokens=windows.numel(), seq_len=windows.shape[1],
                  batch_tokens=min(args.batch_size, windows.shape[0]) * windows.shape[1],
-                 streamed_bytes=block_bytes * n_blocks * 2 if streamed else 0)
+                 streamed_bytes=block_bytes * n_blocks * 2 if streamed else 0,
+                 method_bytes=max(s.modifier.memory(layers) for s in args.recipe.stages),
+                 float_generation=args.recipe.float_targets)
 
 
 def _save(model: nn.Module, tokenizer: Any, streamed: Any, workdir: Path, args: CalibratedRun) -> None:
@@ -128,19 +128,7 @@ def _save(model: nn.Module, tokenizer: Any, streamed: Any, workdir: Path, args: 
     if streamed is None:
         save(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
         return
-    from lowbit.hf.stream import save_chunks
+    from lowbit.hf.lazy import save_chunks
 
     chunks = save_chunks(streamed, lambda i, block: restore_block(model, workdir, i))
     save(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, chunks=chunks)
-
-
-def report_rows(report: RunReport, damp: float) -> list[tuple[str, str]]:
-    """Summary lines of a run report: layers solved, dampening raised, fallbacks."""
-    raised = [r["key"] for r in report.layers if r.get("damp", damp) > damp]
-    rows = [("blocks", str(report.blocks)), ("layers solved", str(len(report.layers)))]
-    if report.resumed_from:
-        rows.append(("resumed at block", str(report.resumed_from)))
-    if raised:
-        rows.append(("dampening raised", f"{len(raised)} layers, e.g. {', '.join(raised[:3])}"))
-    rows += [("rounded to nearest", f) for f in report.fallbacks]
-    return rows

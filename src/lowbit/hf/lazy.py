@@ -2,7 +2,7 @@
 
 ``open_streamed(folder)`` builds the model from ``config.json`` with parameters on the meta
 device (buffers such as rotary frequencies are real), fills everything outside the repeated
-blocks from the memory-mapped safetensors, and returns the pieces ``run.calibrate`` and
+blocks from the memory-mapped safetensors, and returns the pieces ``engine.runner.calibrate`` and
 ``io.save`` need to go block by block. It returns None when the checkpoint's tensor names do
 not match the model's own (transformers renames or fuses some on load, e.g. MoE experts), in
 which case the caller loads the model whole.
@@ -16,9 +16,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from lowbit.capture import find_blocks
+from lowbit.models.blocks import find_blocks
 from lowbit.hf.load import _model_class, _tokenizer, transformers
-from lowbit.stream import WeightSource, empty, fill, missing_keys
+from lowbit.engine.weights import WeightSource, empty, fill, missing_keys
 
 
 @dataclass

@@ -2,16 +2,12 @@
 
 Peak memory = what the process holds now (interpreter, torch, weights outside the blocks or the
 whole model) + one block's weights twice (the original and the dequantized copy that replaces
-each quantized layer) + the statistics of one block (an upper bound: one ``cols × cols`` float32
-Hessian per layer, even where q/k/v share one) + the solver's working set for the largest layer
-+ two generations of hidden states (resident part) + one batch's intermediate activations.
-
-The solver's working set is four ``rows × cols`` and four ``cols × cols`` float32 matrices: the
-weight's copies (float32, permuted, transposed, codes and errors) and the Hessian's (its
-permuted or dampened copy, the Cholesky factor, its inverse, and the factorization's own
-workspace). That was measured as the peak of ``gptq`` above its inputs (VmHWM): 305 MiB for a
-1024×4096 layer with act-order, 288 MiB without, where the formula gives 320 MiB. An earlier
-``3·rows·cols + 2·cols²`` forecast 3.16 GB for the 3.4B run in BENCHMARKS.md, which peaked at 3.53 GiB.
+each quantized layer) + what the methods hold for one block (each modifier's ``memory``: for
+GPTQ one ``cols × cols`` Hessian per layer and the solver's working set, see
+``lowbit.modifiers.gptq``) + two generations of hidden states (resident part; twice that when a
+stage keeps the float model's hidden states too) + one batch's intermediate activations, plus
+``HEADROOM`` of all that for what the parts leave out (allocator slack, temporaries of the
+forward passes): the forecast must err high, since ``--max-memory`` trusts it.
 
 Time = matmul FLOPs (two forwards per block, the Hessian products, GPTQ's updates) at the
 rate this machine measures for a float32 matmul now, plus reading streamed weights at an assumed
@@ -28,6 +24,9 @@ import torch
 from lowbit.errors import LowbitError
 
 GB = 1 << 30
+#: share added for what the parts leave out; measured on SmolLM2's default GPTQ run, whose peak
+#: was 7% above the sum of the parts (1.46 GB forecast, 1.57 GB peak).
+HEADROOM = 0.15
 DISK_BYTES_PER_S = 300e6  # assumed read speed of streamed weights (a guess for a local SSD)
 
 
@@ -46,6 +45,8 @@ class Shape:
     seq_len: int
     batch_tokens: int  # tokens per forward (batch size × seq_len)
     streamed_bytes: int  # bytes read from disk over the run (0 when the model is in memory)
+    method_bytes: int = 0  # the largest ``Modifier.memory`` of the recipe's stages for one block
+    float_generation: bool = False  # a stage keeps the float model's hidden states too
 
 
 @dataclass(frozen=True)
@@ -61,14 +62,15 @@ class Forecast:
 
 def forecast(s: Shape, act_budget: int, flops_per_s: float) -> Forecast:
     """Peak bytes and seconds of a run of shape ``s`` keeping ``act_budget`` bytes of hidden states."""
-    acts_total = 2 * s.tokens * s.hidden * 4
+    generations = 2 if s.float_generation else 1
+    acts_total = 2 * s.tokens * s.hidden * 4 * generations
     parts = {
         "now": s.resident_bytes,
         "block": 2 * s.block_bytes,
-        "statistics": sum(c * c * 4 for _, c in s.layers),
-        "solver": max((4 * r * c + 4 * c * c) * 4 for r, c in s.layers) if s.layers else 0,
-        "activations": min(acts_total, act_budget) + 6 * s.batch_tokens * max(s.intermediate, s.hidden) * 4,
+        "method": s.method_bytes,
+        "activations": min(acts_total, act_budget * generations) + 6 * s.batch_tokens * max(s.intermediate, s.hidden) * 4,
     }
+    parts["headroom"] = int(HEADROOM * sum(parts.values()))
     flops = s.blocks * (2 * 2 * s.block_params * s.tokens
                         + sum(2 * s.tokens * c * c + 2 * r * c * c + 2 * c ** 3 for r, c in s.layers))
     seconds = flops / flops_per_s + s.streamed_bytes / DISK_BYTES_PER_S

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lowbit.capture import find_blocks
+from lowbit.models.blocks import find_blocks
 from lowbit.scheme import Rule, TensorScheme, resolve
 from lowbit.spec import QuantSpec
 
@@ -63,8 +63,8 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
-def default_plan(model: nn.Module, spec: QuantSpec) -> list[Rule]:
-    """Every Linear and fused expert tensor inside the repeated blocks gets ``spec``.
+def default_plan(model: nn.Module, spec: TensorScheme | QuantSpec) -> list[Rule]:
+    """Every Linear and fused expert tensor inside the repeated blocks gets ``spec`` (a scheme).
 
     lm_head, embeddings, convolutions inside blocks and routers are left alone. A model without
     repeated blocks (a plain MLP or CNN) gets ``spec`` on every Linear and Conv layer. The plan

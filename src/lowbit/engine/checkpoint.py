@@ -66,7 +66,12 @@ class RunDir:
             self._write_state()
 
     def acts(self, block: int) -> Path:
+        """Hidden states the quantized block ``block`` produced."""
         return self.path / f"acts-{block:04d}"
+
+    def fp_acts(self, block: int) -> Path:
+        """Hidden states the float block ``block`` produced (kept for stages with float targets)."""
+        return self.path / f"fp-acts-{block:04d}"
 
     def save_block(self, block: int, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         stem = self.path / f"block-{block:04d}"
@@ -81,8 +86,9 @@ class RunDir:
         """Record block ``block`` as finished, then drop the hidden states it no longer needs."""
         self.done = block + 1
         self._write_state()
-        old = self.acts(block - 1) if block > 0 else self.path / "acts-input"
-        shutil.rmtree(old, ignore_errors=True)
+        old = [self.acts(block - 1), self.fp_acts(block - 1)] if block > 0 else [self.path / "acts-input"]
+        for folder in old:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

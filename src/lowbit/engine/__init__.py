@@ -1,0 +1,1 @@
+"""The engine: block-by-block calibration in bounded memory, resumable (see ``runner``)."""

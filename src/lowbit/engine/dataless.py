@@ -1,0 +1,72 @@
+"""Run stages that need no calibration data: every targeted tensor solved on its own, in place."""
+from __future__ import annotations
+
+import time
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.apply import attach
+from lowbit.engine.report import RunReport, StageReport
+from lowbit.errors import LowbitError
+from lowbit.qtensor import matrix_view
+from lowbit.quantizer import check_weight
+from lowbit.engine.solve import solve_target
+from lowbit.recipe.plan import Pairs
+from lowbit.recipe.recipe import Recipe
+
+
+def run_data_free(model: nn.Module, recipe: Recipe, per_stage: list[Pairs], progress: bool = True) -> RunReport:
+    """Apply each stage of ``recipe`` to its (target, scheme) pairs, in order; returns the report.
+
+    Tied weights (lm_head = embeddings) are solved once and stay tied.
+    """
+    check_pairs(model, [p for pairs in per_stage for p in pairs])  # refuse bad input before any change
+    report = RunReport()
+    t_run = time.perf_counter()
+    for stage, pairs in zip(recipe.stages, per_stage):
+        m = stage.modifier
+        sr = StageReport(m.name, m.options(), len(pairs))
+        report.stages.append(sr)
+        t0 = time.perf_counter()
+        m.prepare(model)
+        modules = dict(model.named_modules())
+        owners = _owners(model)
+        for target, scheme in tqdm(pairs, desc=f"{m.name}", unit="tensor", disable=not progress):
+            module = modules[target.module_name]
+            w = getattr(module, target.param)
+            if not isinstance(w, nn.Parameter):
+                sr.done += 1  # a tied twin of a tensor solved earlier in this loop
+                continue
+            twins = [o for o in owners.get(id(w), []) if o != (module, target.param)]
+            solved = solve_target(m, target, module, scheme, None, report)
+            if solved is None:
+                continue
+            sr.done += 1
+            if solved.qtensor is not None:
+                weight = getattr(module, target.param)
+                for owner, pname in twins:
+                    attach(owner, pname, solved.qtensor, solved.dtype, weight)
+        sr.seconds = time.perf_counter() - t0
+    report.seconds = time.perf_counter() - t_run
+    return report
+
+
+def check_pairs(model: nn.Module, pairs: Pairs) -> None:
+    """Raise ``LowbitError`` for an already quantized tensor, non-finite weights or a bad granularity."""
+    modules = dict(model.named_modules())
+    for target, scheme in pairs:
+        if target.quantized:
+            raise LowbitError(f"{target.key} is already quantized; quantize the original model instead")
+        if scheme.weight is not None:
+            m = matrix_view(getattr(modules[target.module_name], target.param).detach(), target.layout)
+            check_weight(m, scheme.weight, *m.shape, name=target.key)
+
+
+def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(parameter) -> every (module, name) that holds it; tied parameters have several."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for pname, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((module, pname))
+    return owners

@@ -1,0 +1,256 @@
+"""The sequential engine: one block at a time, in bounded memory, resumable.
+
+``calibrate(model, plan, recipe, batches)`` applies a recipe that needs calibration data:
+
+1. catch what the first repeated block receives for every calibration batch (``capture``);
+2. for each block: bring its weights in (``weights``); when a stage asks for float targets,
+   run the untouched block on the float model's inputs first (``fp_out``); then, stage after
+   stage, let the modifier solve the whole block (``solve_block``) and/or gather each targeted
+   layer's statistics on the quantized model's inputs (``observe``) and solve every layer
+   (``solve_layer``); run the finished block again to get the next block's inputs; checkpoint
+   (``checkpoint``); let the weights go;
+3. tensors outside the blocks are solved without data where the method can, else rounded to
+   nearest, and the report says so.
+
+Data-free stages in a recipe that needs data run inside the same pass, so each block is read
+from disk once.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lowbit.engine.activations import Generation, nbytes
+from lowbit.engine.capture import catch_inputs
+from lowbit.engine.checkpoint import RunDir
+from lowbit.engine.dataless import check_pairs, run_data_free
+from lowbit.engine.observe import eager_experts, observe
+from lowbit.engine.report import RunReport, StageReport
+from lowbit.engine.restore import block_payload, restore_block, restore_report
+from lowbit.engine.solve import solve_target
+from lowbit.models.blocks import check_uniform_layers, find_blocks
+from lowbit.modifiers import make
+from lowbit.modifiers.base import BlockData, Modifier
+from lowbit.recipe.plan import Pairs, plan_recipe
+from lowbit.recipe.recipe import Recipe, Stage
+from lowbit.scheme import Rule
+
+
+class Streaming:
+    """Weights that live on disk: ``load(module, prefix)`` fills a block, ``release(module)`` empties it."""
+
+    def __init__(self, load: Any, release: Any) -> None:
+        self.load, self.release = load, release
+
+
+def calibrate(model: nn.Module, plan: list[Rule], method: Recipe | Modifier | str, batches: list[Tensor], *,
+              workdir: Path | None = None, resume: bool = False, fingerprint: str = "",
+              streaming: Streaming | None = None, act_budget: int = 1 << 30, progress: bool = True) -> RunReport:
+    """Apply ``method`` (a recipe, one modifier or ``"a+b"``) to ``model`` in place, block by block.
+
+    batches:   model inputs, e.g. (B, T) int64 token windows (all on the model's device).
+    workdir:   checkpoint folder (``checkpoint.RunDir``); None keeps nothing on disk.
+    streaming: set when the blocks' weights are on the meta device and come from disk.
+    act_budget: bytes of hidden states kept in memory per generation; the rest spill to ``workdir``.
+    """
+    recipe = Recipe.of(method)
+    t0 = time.perf_counter()
+    per_stage = plan_recipe(model, recipe, plan)
+    check_pairs(model, [p for pairs in per_stage for p in pairs])
+    found = find_blocks(model)
+    blocks = list(found[1]) if found else [model]
+    prefix = f"{found[0]}." if found else ""
+    check_uniform_layers(model)
+    report = RunReport(blocks=len(blocks), stages=[StageReport(s.modifier.name, s.modifier.options(), len(p))
+                                                   for s, p in zip(recipe.stages, per_stage)])
+    split = [_split(pairs, prefix if found else None, len(blocks)) for pairs in per_stage]
+    _solve_outside(model, recipe, [s.pop(-1) for s in split], report)
+    run = RunDir(workdir, fingerprint, resume, batch=len(batches[0]) if batches else None) \
+        if workdir is not None else None
+    start = run.done if run else 0
+    report.resumed_from = start
+    keep_float = recipe.float_targets
+    saves_float = any(s.modifier.changes_float for s in recipe.stages)
+    for i in range(start):
+        restore_report(report, run, i)
+        if streaming is None:
+            restore_block(model, run.path, i)
+    with eager_experts(model):
+        calls = catch_inputs(model, blocks[0] if found else None, batches)
+        q_in, fp_in = _first_generations(calls, run, start, act_budget, keep_float)
+        bar = tqdm(range(start, len(blocks)), desc=f"calibrate ({recipe.name})", unit="block",
+                   disable=not progress, initial=start, total=len(blocks))
+        for i in bar:
+            name = f"{prefix}{i}" if found else ""
+            if streaming:
+                streaming.load(blocks[i], f"{name}." if name else "")
+            fp_out = _propagate(blocks[i], calls, fp_in, _gen(run, i, "fp", act_budget)) if keep_float else None
+            solved, counts = [], []
+            for k, (stage, parts) in enumerate(zip(recipe.stages, split)):
+                data = BlockData(calls, q_in, fp_in, fp_out) if stage.modifier.has_block_solve else None
+                done = _run_stage(model, blocks[i], stage, report.stages[k], parts.get(i, []), calls, q_in, data,
+                                  report)
+                solved += done
+                counts.append(len(done) if stage.modifier.has_layer_solve else len(parts.get(i, [])))
+            old = q_in
+            q_in = _propagate(blocks[i], calls, q_in, _gen(run, i, "q", act_budget))
+            for gen in {id(g): g for g in (old, fp_in) if g is not None}.values():
+                gen.memory.clear()  # its files, if any, are removed by the checkpoint once this block is recorded
+            fp_in = fp_out
+            if run:
+                run.save_block(i, *block_payload(blocks[i], f"{name}." if name else "", solved, counts, report,
+                                                 saves_float))
+                run.mark_done(i)
+            if streaming:
+                streaming.release(blocks[i])
+            _trim_heap()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _run_stage(model: nn.Module, block: nn.Module, stage: Stage, sr: StageReport, pairs: Pairs, calls: list,
+               q_in: Generation, data: BlockData | None, report: RunReport) -> list:
+    """One stage on one block: block solve, statistics pass, layer solves; returns what it solved."""
+    m = stage.modifier
+    t0 = time.perf_counter()
+    modules = dict(model.named_modules())
+    if data is not None:
+        data.layers = [(t.key, modules[t.module_name], t.param, s) for t, s in pairs]
+        info = m.solve_block(block, data)
+        if info:
+            sr.blocks.append(info)
+    solved = []
+    if m.has_layer_solve and pairs:
+        seen = _statistics(m, block, calls, q_in, pairs, modules) if _has_stats(m) else None
+        for target, scheme in pairs:
+            stats = None
+            if seen is not None:
+                stats = seen.experts.get(target.key, {}) if target.kind == "experts" else seen.layers.get(target.key)
+                if stats is None:
+                    _fallback(model, target, scheme, report, f"no calibration inputs ({target.kind})")
+                    continue
+            s = solve_target(m, target, modules[target.module_name], scheme, stats, report)
+            if s is not None:
+                solved.append(s)
+                sr.done += 1
+            if seen is not None and target.key in seen.layers and _last_use(seen, pairs, target.key):
+                seen.layers[target.key].__dict__.clear()  # its statistics are no longer needed
+    elif data is not None:
+        sr.done += len(pairs)
+    sr.seconds += time.perf_counter() - t0
+    return solved
+
+
+def _has_stats(m: Modifier) -> bool:
+    return type(m).new_stats is not Modifier.new_stats
+
+
+def _statistics(m: Modifier, block: nn.Module, calls: list, q_in: Generation, pairs: Pairs, modules: dict):
+    """One pass of the block over the quantized model's inputs, accumulating each layer's statistics."""
+    watched = [(t.key, modules[t.module_name], t.param, t.kind) for t, _ in pairs]
+    with torch.no_grad(), observe(watched, m.new_stats) as seen:
+        for j, call in enumerate(calls):
+            call.run(block, q_in[j])
+            seen.reset()
+    return seen
+
+
+def _last_use(seen: Any, pairs: Pairs, key: str) -> bool:
+    """Whether ``key`` is the last of the layers sharing its accumulator (q/k/v share one)."""
+    obj = seen.layers[key]
+    last = [t.key for t, _ in pairs if seen.layers.get(t.key) is obj]
+    return bool(last) and last[-1] == key
+
+
+def _fallback(model: nn.Module, target: Any, scheme: Any, report: RunReport, why: str) -> None:
+    """Round a tensor the method cannot solve to nearest (weight specs) and say so."""
+    if scheme.weight is None:
+        report.fallbacks.append(f"{target.key}: {why}, left as it is")
+        return
+    modules = dict(model.named_modules())
+    solve_target(make("rtn"), target, modules[target.module_name], scheme, None, report)
+    report.fallbacks.append(f"{target.key}: {why}, rounded to nearest")
+
+
+def _solve_outside(model: nn.Module, recipe: Recipe, outside: list[Pairs], report: RunReport) -> None:
+    """Tensors outside the blocks: data-free stages solve them; data stages round them to nearest."""
+    for stage, pairs in zip(recipe.stages, outside):
+        if not pairs:
+            continue
+        if not stage.modifier.needs_data:
+            sub = run_data_free(model, Recipe((stage,)), [pairs], progress=False)
+            report.layers += sub.layers
+            continue
+        for target, scheme in pairs:
+            _fallback(model, target, scheme, report, "outside the repeated blocks")
+
+
+def _split(pairs: Pairs, prefix: str | None, n: int) -> dict[int, Pairs]:
+    """Pairs per block index; key -1 holds those outside the blocks."""
+    out: dict[int, Pairs] = {-1: []}
+    for target, scheme in pairs:
+        index = -1
+        if prefix is None:
+            index = 0
+        elif target.key.startswith(prefix):
+            head = target.key[len(prefix):].split(".", 1)[0]
+            index = int(head) if head.isdigit() and int(head) < n else -1
+        out.setdefault(index, []).append((target, scheme))
+    return out
+
+
+def _gen(run: RunDir | None, i: int, kind: str, budget: int) -> Generation:
+    folder = (run.acts(i) if kind == "q" else run.fp_acts(i)) if run else None
+    return Generation(folder, budget // (4 if kind == "fp" else 2))
+
+
+def _first_generations(calls: list, run: RunDir | None, start: int, budget: int, keep_float: bool
+                       ) -> tuple[Generation, Generation | None]:
+    """The hidden states entering block ``start`` (quantized, and float when kept)."""
+    if run is not None and start > 0:
+        q = Generation.load(run.acts(start - 1), budget // 2)
+        return q, Generation.load(run.fp_acts(start - 1), budget // 4) if keep_float else None
+    total = sum(nbytes(c.hidden) for c in calls)
+    folder = run.path / "acts-input" if run is not None and total > budget // 2 else None
+    gen = Generation(folder, budget // 2)
+    for c in calls:
+        gen.append(c.hidden)
+    _drop_hidden(calls)
+    gen.finish()
+    return gen, gen if keep_float else None  # both models see the same inputs at the first block
+
+
+def _drop_hidden(calls: list) -> None:
+    """Forget the caught hidden states (the generation owns them now)."""
+    for c in calls:
+        if c.hidden_kw:
+            c.kwargs[c.hidden_kw] = None
+        else:
+            c.args = (None, *c.args[1:])
+
+
+def _propagate(block: nn.Module, calls: list, hidden: Generation, out: Generation) -> Generation:
+    """Run the block on every batch; its outputs are the next block's inputs."""
+    with torch.no_grad():
+        for j, call in enumerate(calls):
+            out.append(call.run(block, hidden[j]))
+    return out.finish()
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS after a block (glibc keeps it otherwise, and a
+    long run's resident memory creeps up by fragmentation). A no-op where glibc is absent."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+

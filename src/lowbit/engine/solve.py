@@ -1,0 +1,100 @@
+"""Solve one targeted tensor with a modifier and put the result into the model.
+
+``solve_target`` takes the tensor's float32 matrix view, calls the modifier's ``solve_layer``
+(per expert for fused MoE tensors, each with its own statistics), and ``apply_result`` writes
+what came back: a quantized weight is packed into a ``QuantizedTensor`` and attached (the
+module then computes with its dequantized copy), a float weight is written in place.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.apply import attach
+from lowbit.errors import LowbitError
+from lowbit.models.targets import Target
+from lowbit.modifiers.base import LayerResult, Modifier
+from lowbit.qtensor import QuantizedTensor, from_matrix, matrix_view
+from lowbit.quantizer import check_weight, pack_matrix, quantize_matrix
+from lowbit.scheme import TensorScheme
+from lowbit.spec import tile_of
+
+
+@dataclass
+class Solved:
+    """One tensor a stage changed: the quantized tensor attached, or None for a float change."""
+
+    target: Target
+    qtensor: QuantizedTensor | None
+    dtype: torch.dtype
+
+
+def solve_target(modifier: Modifier, target: Target, module: nn.Module, scheme: TensorScheme, stats: Any,
+                 report: Any) -> Solved | None:
+    """Solve ``target`` (its weight read from ``module``) and apply the result; None if unchanged.
+
+    stats: the layer's accumulator, a dict expert -> accumulator for fused experts, or None.
+    """
+    w = getattr(module, target.param)
+    if isinstance(w, torch.Tensor) and not isinstance(w, nn.Parameter) and target.quantized:
+        raise LowbitError(f"{target.key} is already quantized; a later stage cannot change it")
+    m = matrix_view(w.detach().to(torch.float32), target.layout)  # (rows, cols)
+    if scheme.weight is not None:
+        check_weight(m, scheme.weight, *m.shape, target.key)
+    t0 = time.perf_counter()
+    if target.kind == "experts" and modifier.needs_data:
+        result = _solve_experts(modifier, target, w, m, scheme, stats or {}, report)
+    else:
+        result = modifier.solve_layer(m, stats, scheme, target.key)
+        if result is not None:
+            report.layers.append({"key": target.key, "method": modifier.name, **result.info,
+                                  "seconds": round(time.perf_counter() - t0, 3)})
+    if result is None:
+        return None
+    return apply_result(module, target, w, result)
+
+
+def apply_result(module: nn.Module, target: Target, w: Tensor, result: LayerResult) -> Solved:
+    """Write ``result`` into ``module.<param>`` (``w`` is its current tensor)."""
+    if result.quantized:
+        qt = pack_matrix(result.spec, tuple(w.shape), target.layout, result.codes, result.scale, result.zero,
+                         result.global_scale)
+        attach(module, target.param, qt, w.dtype)
+        return Solved(target, qt, w.dtype)
+    if result.weight is None:
+        raise LowbitError(f"{target.key}: the method returned neither codes nor a weight")
+    with torch.no_grad():
+        w.copy_(from_matrix(result.weight, tuple(w.shape), target.layout).to(w.dtype))
+    return Solved(target, None, w.dtype)
+
+
+def _solve_experts(modifier: Modifier, target: Target, w: Tensor, full: Tensor, scheme: TensorScheme,
+                   stats: dict[int, Any], report: Any) -> LayerResult:
+    """Fused experts (E, out, in): each expert solved with its own statistics, then stacked."""
+    spec = scheme.weight
+    n_exp, out = w.shape[0], w.shape[1]
+    if spec is None:
+        raise LowbitError(f"{target.key}: fused expert tensors can only be quantized, not pruned, for now")
+    tr, _ = tile_of(spec.granularity, *full.shape)
+    if out % tr:
+        raise LowbitError(f"{target.key}: tiles of {tr} rows straddle experts of {out} rows; "
+                          "use per-channel or per-group quantization for fused experts")
+    gscale = spec.format.global_scale(full)
+    parts, idle = [], []
+    for e in range(n_exp):
+        m = full[e * out:(e + 1) * out]  # (out, in)
+        r = modifier.solve_layer(m, stats[e], scheme, f"{target.key}[{e}]", gscale) if e in stats else None
+        if r is not None and r.quantized and r.spec == spec:
+            report.layers.append({"key": f"{target.key}[{e}]", "method": modifier.name, **r.info})
+            parts.append((r.codes, r.scale, r.zero))
+        else:
+            parts.append(quantize_matrix(m, spec, gscale))
+            idle.append(e)
+    if idle:
+        report.fallbacks.append(f"{target.key}: experts {idle} saw no calibration token, rounded to nearest")
+    zero = None if parts[0][2] is None else torch.cat([p[2] for p in parts])
+    return LayerResult(spec, torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), zero, gscale)

@@ -1,0 +1,1 @@
+"""Model structure: repeated blocks, quantizable tensors, and which layers feed which."""

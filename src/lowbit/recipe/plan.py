@@ -1,0 +1,92 @@
+"""Which tensors each stage of a recipe acts on, and the checks that refuse a bad recipe early.
+
+The run's plan (``lowbit.models.targets``: rules from the ``--scheme``) says what every tensor
+becomes. A stage acts on the plan's tensors whose key its ``targets`` regex finds, with its own
+``scheme`` when it gives one. A stage acts on a tensor only if the tensor's scheme has what the
+method ``requires`` (a sparsity spec for a pruning method, a weight spec for a quantizer).
+"""
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.models.targets import Target, resolve_schemes, targets
+from lowbit.recipe.recipe import Recipe, Stage
+from lowbit.scheme import Rule, TensorScheme
+
+Pairs = list[tuple[Target, TensorScheme]]
+_PART_WORDS = {"weight": "a weight spec", "input": "an activation spec (+a=...)", "sparsity": "a sparsity spec (+s=...)"}
+
+
+def stage_pairs(model: nn.Module, stage: Stage, rules: list[Rule]) -> Pairs:
+    """The (target, scheme) pairs ``stage`` acts on."""
+    return [(t, s) for t, s in stage_pairs_unfiltered(model, stage, rules) if _has(s, stage.modifier.requires)]
+
+
+def plan_recipe(model: nn.Module, recipe: Recipe, rules: list[Rule]) -> list[Pairs]:
+    """Per stage, its pairs; raises ``LowbitError`` for a recipe that cannot do what it says."""
+    all_pairs = resolve_schemes(model, rules)
+    if not all_pairs:
+        done = [t.key for t in targets(model) if t.quantized] + [n for n, m in model.named_modules()
+                                                                 if hasattr(m, "qtensor")]
+        if done:
+            raise LowbitError(f"this model is already quantized ({len(done)} tensors, e.g. {done[0]}), so 0 tensors "
+                              "would be quantized; quantize the original model instead")
+        raise LowbitError("the scheme selects no tensor of this model; nothing would be compressed")
+    out = []
+    for i, stage in enumerate(recipe.stages):
+        m = stage.modifier
+        where = f"stage {i + 1} ({m.name})"
+        candidates = stage_pairs_unfiltered(model, stage, rules)
+        if not candidates:
+            raise LowbitError(f"{where}: targets {stage.targets!r} match no tensor the scheme selects; "
+                              f"tensors look like {all_pairs[0][0].key}")
+        pairs = [(t, s) for t, s in candidates if _has(s, m.requires)]
+        if not pairs:
+            need = " and ".join(_PART_WORDS[p] for p in sorted(m.requires))
+            raise LowbitError(f"{where}: method {m.name} needs {need} in the scheme, which "
+                              f"{_describe(candidates[0][1])} does not have")
+        out.append(pairs)
+    _check_produced(recipe, out)
+    return out
+
+
+def stage_pairs_unfiltered(model: nn.Module, stage: Stage, rules: list[Rule]) -> Pairs:
+    pairs = resolve_schemes(model, rules)
+    if stage.targets is not None:
+        pattern = re.compile(stage.targets)
+        pairs = [(t, s) for t, s in pairs if pattern.search(t.key)]
+    if stage.scheme is not None:
+        pairs = [(t, stage.scheme) for t, _ in pairs]
+    return pairs
+
+
+def _check_produced(recipe: Recipe, per_stage: list[Pairs]) -> None:
+    """Every part a targeted scheme asks for is written by some stage that acts on it."""
+    for part in ("weight", "sparsity"):
+        wanted = {t.key: s for pairs in per_stage for t, s in pairs if getattr(s, part) is not None}
+        done = {t.key for st, pairs in zip(recipe.stages, per_stage) if part in st.modifier.produces
+                for t, _ in pairs}
+        missing = sorted(set(wanted) - done)
+        if missing:
+            text = _describe(wanted[missing[0]])
+            hint = "a weight method such as rtn or gptq" if part == "weight" else "a pruning method such as wanda"
+            raise LowbitError(f"scheme {text} asks for {_PART_WORDS[part]}, but no stage of {recipe.name} "
+                              f"produces it (e.g. for {missing[0]}); add {hint} to the recipe")
+    for pairs in per_stage:
+        for t, s in pairs:
+            if s.input is not None and s.weight is None:
+                raise LowbitError(f"scheme {_describe(s)} quantizes activations of {t.key} without quantizing its "
+                                  "weight; give a weight spec too (e.g. w8a8)")
+
+
+def _has(scheme: TensorScheme, parts: frozenset[str]) -> bool:
+    return all(getattr(scheme, p) is not None for p in parts)
+
+
+def _describe(scheme: TensorScheme) -> str:
+    from lowbit.schemes import describe_scheme
+
+    return repr(describe_scheme(scheme))
