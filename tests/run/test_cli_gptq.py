@@ -60,7 +60,7 @@ def test_streamed_run_equals_in_memory_run(run, tiny_llama_dir, tmp_path):
 
 KILL_AFTER_FIRST_BLOCK = """
 import os, signal, sys
-from lowbit import checkpoint
+from lowbit.engine import checkpoint
 done = checkpoint.RunDir.mark_done
 def mark_done(self, block):
     done(self, block)

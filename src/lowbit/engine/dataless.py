@@ -58,8 +58,9 @@ def check_pairs(model: nn.Module, pairs: Pairs) -> None:
     for target, scheme in pairs:
         if target.quantized:
             raise LowbitError(f"{target.key} is already quantized; quantize the original model instead")
-        if scheme.weight is not None:
-            m = matrix_view(getattr(modules[target.module_name], target.param).detach(), target.layout)
+        w = getattr(modules[target.module_name], target.param)
+        if scheme.weight is not None and w.device.type != "meta":  # streamed weights are checked when read
+            m = matrix_view(w.detach(), target.layout)
             check_weight(m, scheme.weight, *m.shape, name=target.key)
 
 
