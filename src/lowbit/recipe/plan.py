@@ -20,11 +20,6 @@ Pairs = list[tuple[Target, TensorScheme]]
 _PART_WORDS = {"weight": "a weight spec", "input": "an activation spec (+a=...)", "sparsity": "a sparsity spec (+s=...)"}
 
 
-def stage_pairs(model: nn.Module, stage: Stage, rules: list[Rule]) -> Pairs:
-    """The (target, scheme) pairs ``stage`` acts on."""
-    return [(t, s) for t, s in stage_pairs_unfiltered(model, stage, rules) if _has(s, stage.modifier.requires)]
-
-
 def plan_recipe(model: nn.Module, recipe: Recipe, rules: list[Rule]) -> list[Pairs]:
     """Per stage, its pairs; raises ``LowbitError`` for a recipe that cannot do what it says."""
     all_pairs = resolve_schemes(model, rules)
@@ -39,7 +34,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe, rules: list[Rule]) -> list[Pai
     for i, stage in enumerate(recipe.stages):
         m = stage.modifier
         where = f"stage {i + 1} ({m.name})"
-        candidates = stage_pairs_unfiltered(model, stage, rules)
+        candidates = stage_candidates(model, stage, rules)
         if not candidates:
             raise LowbitError(f"{where}: targets {stage.targets!r} match no tensor the scheme selects; "
                               f"tensors look like {all_pairs[0][0].key}")
@@ -53,7 +48,8 @@ def plan_recipe(model: nn.Module, recipe: Recipe, rules: list[Rule]) -> list[Pai
     return out
 
 
-def stage_pairs_unfiltered(model: nn.Module, stage: Stage, rules: list[Rule]) -> Pairs:
+def stage_candidates(model: nn.Module, stage: Stage, rules: list[Rule]) -> Pairs:
+    """The plan's pairs narrowed by the stage's targets, with its scheme when it gives one."""
     pairs = resolve_schemes(model, rules)
     if stage.targets is not None:
         pattern = re.compile(stage.targets)
