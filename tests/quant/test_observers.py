@@ -1,10 +1,10 @@
-"""HQQ's zero optimizer against the reference's own update written in its units, and its guarantees."""
+"""lowbit.observers: HQQ's zero optimizer against the reference's own update written in its units, and its guarantees."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lowbit.algorithms.hqq import BETA, ITERS, LP_NORM, hqq_zero
+from lowbit.observers import BETA, ITERS, LP_NORM, hqq_zero
 from lowbit.errors import LowbitError
 from lowbit.formats import get_format
 from lowbit.quantizer import choose_qparams, quantize_weight
