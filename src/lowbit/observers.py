@@ -84,7 +84,8 @@ def stored_qparams(qp: QParams, spec: QuantSpec) -> QParams:
 
 def minmax(blocks: Tensor, spec: QuantSpec, global_scale: Tensor | None = None, clip: float = 1.0) -> QParams:
     """The format's own rule over ``clip`` times the blocks' range, stored (zero fitted after rounding)."""
-    return stored_qparams(spec.format.choose_qparams(blocks, clip, global_scale), spec)
+    qp = spec.format.choose_qparams(blocks, clip, global_scale, round_scale=scale_rounding(spec))
+    return stored_qparams(qp, spec)
 
 
 def clip_search(blocks: Tensor, spec: QuantSpec, p: float, global_scale: Tensor | None = None) -> QParams:
@@ -140,8 +141,8 @@ def hqq_zero(blocks: Tensor, fmt: Format, qp: QParams, iters: int = ITERS, beta:
 def choose_qparams(blocks: Tensor, spec: QuantSpec, global_scale: Tensor | None = None) -> QParams:
     """Per-block qparams for ``blocks`` (n_blocks, block_size) float32 under ``spec.scale_search``."""
     if spec.scale_search == "hqq":
-        start = spec.format.choose_qparams(blocks, 1.0, global_scale)
-        return stored_qparams(hqq_zero(blocks, spec.format, start), spec)
+        start = spec.format.choose_qparams(blocks, 1.0, global_scale, round_scale=scale_rounding(spec))
+        return stored_qparams(hqq_zero(blocks, spec.format, start), spec)  # solved with the stored scale
     p = search_norm(spec.scale_search)
     if p is None:
         return minmax(blocks, spec, global_scale)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -24,6 +25,9 @@ from torch import Tensor
 
 from lowbit.errors import LowbitError
 from lowbit.formats.nearest import NearestTable, gather
+
+#: float32 scales -> the float32 values their storage dtype holds (``Format.choose_qparams``)
+ScaleRounding = Callable[[Tensor], Tensor]
 
 _FAMILIES: dict[str, type["Format"]] = {}
 _PRESETS: dict[str, "Format"] = {}
@@ -74,9 +78,14 @@ class Format:
         """Element value of every code, shape (2**bits,) float64; NaN marks unused codes."""
         raise NotImplementedError
 
-    def choose_qparams(self, blocks: Tensor, clip: float = 1.0,
-                       global_scale: Tensor | None = None) -> QParams:
-        """Pick scale (and zero) per block. ``clip`` in (0, 1] shrinks the covered range."""
+    def choose_qparams(self, blocks: Tensor, clip: float = 1.0, global_scale: Tensor | None = None,
+                       round_scale: ScaleRounding | None = None) -> QParams:
+        """Pick scale (and zero) per block. ``clip`` in (0, 1] shrinks the covered range.
+
+        ``round_scale`` maps (n_blocks, 1) float32 scales to the float32 values their storage
+        dtype holds (None: kept as computed). The returned scale is ``round_scale(scale)``, and a
+        zero point is fitted to that rounded scale, so that the stored pair is consistent.
+        """
         raise NotImplementedError
 
     def quantize(self, blocks: Tensor, qp: QParams) -> Tensor:
@@ -169,6 +178,11 @@ def _load_builtin() -> None:
 def safe_scale(scale: Tensor) -> Tensor:
     """Replace zero scales by one so that division is defined (all-zero blocks stay zero)."""
     return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def rounded(scale: Tensor, round_scale: ScaleRounding | None) -> Tensor:
+    """``round_scale(scale)``, or ``scale`` itself when no rounding is given."""
+    return scale if round_scale is None else round_scale(scale)
 
 
 def absmax(blocks: Tensor) -> Tensor:

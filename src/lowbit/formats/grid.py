@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
-from lowbit.formats.base import Format, QParams, absmax, register_preset, safe_scale
+from lowbit.formats.base import Format, QParams, ScaleRounding, absmax, register_preset, rounded, safe_scale
 from lowbit.formats.nearest import NearestTable
 
 #: QLoRA NormalFloat-4 (bitsandbytes ``NF4`` lookup table), exact published constants.
@@ -82,9 +82,9 @@ class CodebookFormat(Format):
         v[: len(self.table)] = torch.tensor(self.table, dtype=torch.float64)
         return v
 
-    def choose_qparams(self, blocks: Tensor, clip: float = 1.0,
-                       global_scale: Tensor | None = None) -> QParams:
-        return QParams(scale=absmax(blocks) * clip / self.max)
+    def choose_qparams(self, blocks: Tensor, clip: float = 1.0, global_scale: Tensor | None = None,
+                       round_scale: ScaleRounding | None = None) -> QParams:
+        return QParams(scale=rounded(absmax(blocks) * clip / self.max, round_scale))
 
     def quantize(self, blocks: Tensor, qp: QParams) -> Tensor:
         x = blocks / safe_scale(qp.scale)
@@ -157,9 +157,9 @@ class PowerFormat(Format):
         q = q.copysign_(blocks)  # -|q| for x < 0; for x = -0, q = 0 gives the same code
         return q.add_(2 ** (self.bits - 1)).to(torch.uint8)
 
-    def choose_qparams(self, blocks: Tensor, clip: float = 1.0,
-                       global_scale: Tensor | None = None) -> QParams:
-        return QParams(scale=absmax(blocks) * clip)
+    def choose_qparams(self, blocks: Tensor, clip: float = 1.0, global_scale: Tensor | None = None,
+                       round_scale: ScaleRounding | None = None) -> QParams:
+        return QParams(scale=rounded(absmax(blocks) * clip, round_scale))
 
     def dequantize(self, codes: Tensor, qp: QParams) -> Tensor:
         return self.lookup(codes) * qp.scale

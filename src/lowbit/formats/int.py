@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
-from lowbit.formats.base import Format, QParams, absmax, register_preset, safe_scale
+from lowbit.formats.base import Format, QParams, ScaleRounding, absmax, register_preset, rounded, safe_scale
 
 
 @dataclass(frozen=True)
@@ -55,18 +55,19 @@ class IntFormat(Format):
             v[0] = float("nan")  # restricted range: -2^(b-1) is never produced
         return v
 
-    def choose_qparams(self, blocks: Tensor, clip: float = 1.0,
-                       global_scale: Tensor | None = None) -> QParams:
+    def choose_qparams(self, blocks: Tensor, clip: float = 1.0, global_scale: Tensor | None = None,
+                       round_scale: ScaleRounding | None = None) -> QParams:
+        """Min-max qparams; an integer zero is fitted to the rounded scale (``Format``)."""
         if self.symmetric:
-            return QParams(scale=absmax(blocks) * clip / self.qmax)
+            return QParams(scale=rounded(absmax(blocks) * clip / self.qmax, round_scale))
         lo = blocks.amin(dim=1, keepdim=True) * clip
         hi = blocks.amax(dim=1, keepdim=True) * clip
         if self.zero == "int":
             lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-            scale = (hi - lo) / self.qmax
+            scale = rounded((hi - lo) / self.qmax, round_scale)
             zero = torch.round(-lo / safe_scale(scale)).clamp(0, self.qmax)
             return QParams(scale=scale, zero=zero)
-        return QParams(scale=(hi - lo) / self.qmax, zero=lo)
+        return QParams(scale=rounded((hi - lo) / self.qmax, round_scale), zero=lo)
 
     def quantize(self, blocks: Tensor, qp: QParams) -> Tensor:
         s = safe_scale(qp.scale)
