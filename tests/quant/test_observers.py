@@ -1,4 +1,5 @@
-"""lowbit.observers: HQQ's zero optimizer against the reference's own update written in its units, and its guarantees."""
+"""lowbit.observers: HQQ's zero optimizer against the reference's own update written in its units,
+its guarantees, and the order "round the scale, then fit the zero"."""
 from __future__ import annotations
 
 import pytest

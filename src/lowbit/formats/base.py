@@ -52,8 +52,10 @@ class Format:
     """Base class of every number format; subclasses are frozen dataclasses.
 
     Subclasses set ``family`` (the registry key), ``bits`` and ``symmetric`` and implement
-    ``values``, ``choose_qparams``, ``quantize`` and ``dequantize``. ``symmetric`` promises that
-    quantization is odd: ``Q(-x) == -Q(x)``. Quantization is elementwise given the qparams
+    ``values``, ``choose_qparams``, ``quantize`` and ``dequantize``. ``symmetric`` means a scale
+    and no zero point, on a grid centred on 0; ``odd`` promises more, that quantization is odd:
+    ``Q(-x) == -Q(x)`` (a full-range integer grid is symmetric but not odd: its most negative
+    code has no positive twin). Quantization is elementwise given the qparams
     (GPTQ quantizes one column at a time). Table formats round with ``nearest`` and
     reconstruct with ``lookup``, whose tables are built once per format and device.
     """
@@ -120,6 +122,19 @@ class Format:
         return gather(_values32(self, codes.device), codes)
 
     @property
+    def odd(self) -> bool:
+        """Whether quantization is odd, ``Q(-x) == -Q(x)`` (default: ``symmetric``)."""
+        return self.symmetric
+
+    @classmethod
+    def upgrade_dict(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """Fill the fields an older lowbit did not write with the values of their old meaning.
+
+        ``d`` is a ``to_dict`` output without its ``family``; the default adds nothing.
+        """
+        return d
+
+    @property
     def zero_kind(self) -> str | None:
         """'int', 'float' or None: how a zero point is stored, if the format has one."""
         return None
@@ -151,7 +166,10 @@ def get_format(name: str) -> Format:
 
 
 def format_from_dict(d: dict[str, Any]) -> Format:
-    """Rebuild a format from ``to_dict`` output; only registered families and their fields."""
+    """Rebuild a format from ``to_dict`` output; only registered families and their fields.
+
+    A dict written by an older lowbit keeps its old meaning (``Format.upgrade_dict``).
+    """
     _load_builtin()
     d = dict(d)
     family = d.pop("family", None)
@@ -160,6 +178,7 @@ def format_from_dict(d: dict[str, Any]) -> Format:
         raise LowbitError(f"unknown format family {family!r}; known: {', '.join(sorted(_FAMILIES))}")
     import dataclasses
 
+    d = cls.upgrade_dict(d)
     allowed = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(d) - allowed
     if unknown:

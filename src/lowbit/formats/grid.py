@@ -6,7 +6,9 @@ quantizer (``PowerFormat``).
 The field is called ``table`` rather than ``values`` because ``values()`` is the contract's
 method.
 
-``PowerFormat(bits, a)`` (NUPES / PowerQuant, METHODS.md §1): with block scale
+``PowerFormat(bits, a)`` (Yvinec et al., "PowerQuant: Automorphism Search for Non-Uniform
+Quantization", arXiv:2301.09858; "NUPES: Non-Uniform Post-Training Quantization via Power
+Exponent Search", arXiv:2308.05600): with block scale
 ``S = absmax·clip`` and ``qmax = 2^(bits-1) - 1``::
 
     q  = sign(x) · min(round((|x| / S)^a · qmax), qmax)     rounding in the power domain
@@ -15,7 +17,7 @@ method.
 This is the paper's ``q = sign(x)·round(|x|^a / s)``, ``s = (c·max|x|)^a / qmax``,
 ``x̂ = sign(q)·(s|q|)^(1/a)`` with ``c = clip``, written with the block scale outside the power
 so that the scale is stored like any other. Codes are stored as ``q + 2^(bits-1)``; code 0 is
-never produced (NaN in ``values()``). ``a = 1`` is the symmetric int grid.
+never produced (NaN in ``values()``). ``a = 1`` is the narrow-range int grid (``int4_narrow``).
 """
 from __future__ import annotations
 
