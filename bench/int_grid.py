@@ -25,7 +25,8 @@ range ``[lo, hi]`` around an anchor ``a``, ``[a + c·(lo − a), a + c·(hi − 
 
 Weight error: ``sqrt(Σ‖W − Ŵ‖² / Σ‖W‖²)`` over the 210 decoder linears. Perplexity: the first
 ``--windows`` windows of ``--seq-len`` tokens of the pydoc evaluation half. Results go to
-bench/out/int_grid.json (finished cells are kept) and are printed as a table.
+bench/out/int_grid.json (``--no-ppl``: int_grid_weights.json; finished cells are kept) and
+are printed as a table.
 """
 from __future__ import annotations
 
@@ -144,15 +145,18 @@ def main() -> None:
     ap.add_argument("--only", default="int4:g64,int3:g128,int2:g64")
     ap.add_argument("--rules", default=",".join(RULES))
     ap.add_argument("--fz-anchor", action="store_true", help="measure the float-zero clip search instead")
+    ap.add_argument("--no-ppl", action="store_true", help="weight error only (cells keyed 'w0')")
     args = ap.parse_args()
     loaded = load_model("smollm2-135m", dtype=torch.float32)
     if args.fz_anchor:
         return fz_anchor_table(loaded.model)
     windows = token_windows(loaded.tokenizer, eval_text(None), args.seq_len, args.windows)
-    done = json.loads(OUT.read_text()) if OUT.exists() else {}
-    key = f"w{args.windows}x{args.seq_len}"
+    out = OUT.with_name("int_grid_weights.json") if args.no_ppl else OUT
+    done = json.loads(out.read_text()) if out.exists() else {}
+    key = "w0" if args.no_ppl else f"w{args.windows}x{args.seq_len}"
     if f"fp32 {key}" not in done:
-        done[f"fp32 {key}"] = {"ppl": perplexity(loaded.model, windows), "rel_err": 0.0}
+        done[f"fp32 {key}"] = {"ppl": float("nan") if args.no_ppl else perplexity(loaded.model, windows),
+                               "rel_err": 0.0}
     for cfg in args.only.split(","):
         bits, group = int(cfg[3]), int(cfg.split(":g")[1])
         for rule in args.rules.split(","):
@@ -161,12 +165,13 @@ def main() -> None:
                 continue
             model = copy.deepcopy(loaded.model)
             num, den = quantize_model(model, bits, group, rule)
-            done[cell] = {"ppl": perplexity(model, windows), "rel_err": math.sqrt(num / den)}
+            ppl = float("nan") if args.no_ppl else perplexity(model, windows)
+            done[cell] = {"ppl": ppl, "rel_err": math.sqrt(num / den)}
             print(cell, done[cell], flush=True)
-            OUT.parent.mkdir(parents=True, exist_ok=True)
-            OUT.write_text(json.dumps(done, indent=1, sort_keys=True) + "\n")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(done, indent=1, sort_keys=True) + "\n")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(done, indent=1, sort_keys=True) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(done, indent=1, sort_keys=True) + "\n")
     print(f"| cell | rel. weight error | pydoc ppl ({key}) |\n|---|---|---|")
     for cell, r in done.items():
         if cell.endswith(key):

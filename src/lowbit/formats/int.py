@@ -2,27 +2,40 @@
 
 Symmetric (a scale, no zero point), stored as the offset code ``c = q + 2^(b-1)``, ``x̂ = s·q``:
 
-==================  ==============================  ================================  ==========
-format              codes ``q``                     scale per block                   odd
-==================  ==============================  ================================  ==========
-``intB``            ``[-2^(b-1), 2^(b-1) - 1]``,    ``absmax / 2^(b-1)``: a negative  no
-                    all ``2^b`` codes               absmax is exact, a positive one
+===============  =================================  ===================================  ====
+format           codes ``q``                        scale per block                      odd
+===============  =================================  ===================================  ====
+``intB``         ``[-2^(b-1), 2^(b-1) - 1]``,       ``absmax / 2^(b-1)``: a negative      no
+                 all ``2^b`` codes                  absmax is exact, a positive one
                                                     clips to ``(2^(b-1) - 1)·s``
-``intB_narrow``     ``[-(2^(b-1) - 1), 2^(b-1)-1]`` ``absmax / (2^(b-1) - 1)``        yes
-                    (code 0 unused; int2 ternary)
-==================  ==============================  ================================  ==========
+``intB_narrow``  ``±(2^(b-1) - 1)``, 2^b - 1 codes   ``absmax / (2^(b-1) - 1)``           yes
+                 (code 0 unused; int2 ternary)
+===============  =================================  ===================================  ====
 
 ``intB`` uses every code, as GPTQ's, brevitas's and GGUF Q4_0's symmetric grids do. Its scale
-rule was chosen by measurement on SmolLM2-135M (``bench/int_grid.py``; RTN, float16 scales,
-relative weight error over the 210 decoder linears, pydoc perplexity on 16 windows of 512
-tokens, fp32 FP_PPL):
+rule was chosen by measurement on SmolLM2-135M (``bench/int_grid.py``; RTN, float16 scales;
+relative weight error over the 210 decoder linears / pydoc perplexity on 16 windows of 512
+tokens, fp32 14.80; "–" not measured):
 
-RULES_TABLE
+===========  =============================  ==============  ==============  ==================
+rule         scale, codes                   int4 g64        int3 g128       int2 g64
+===========  =============================  ==============  ==============  ==================
+narrow       absmax/(N-1), ±(N-1) (before)  0.1127 / 21.99  0.2890 / 407.3  0.7210 / 6.7e6
+half (kept)  absmax/N, [-N, N-1]            0.1031 / 20.87  0.2248 / 123.9  0.4241 / 4.5e7
+gptq         2·absmax/(2N-1), [-N, N-1]     0.1074 / 21.93  0.2509 / –      0.5236 / 4.4e6
+cover        max(max/(N-1), -min/N)         0.1065 / –      0.2670 / –      0.6625 / –
+best3        least-squares pick of the 3    0.1005 / –      0.2247 / –      0.4239 / –
+===========  =============================  ==============  ==============  ==================
 
-``half`` is kept: it is best or within noise of best everywhere, and one closed form
-(``best3`` buys a little weight error with three roundings per block). Format dicts written
-before the full range existed (format version 1: no ``narrow_range`` field) meant the narrow
-grid and still load as ``intB_narrow`` (``IntFormat.upgrade_dict``).
+(``N = 2^(b-1)``; ``gptq`` is GPTQ's and compressed-tensors' symmetric rule.)
+
+``half`` is kept: the lowest weight error of the closed forms at every width (``best3``, three
+roundings per block, gains at most 0.003) and the lowest perplexity at 4 and 3 bits (20.87
+against 21.99 before, 123.9 against 407.3). At 2 bits round-to-nearest destroys the model under
+every rule (perplexity far above the vocabulary size, 49152), so perplexity ranks nothing there.
+
+Format dicts written before the full range existed (format version 1: no ``narrow_range``
+field) meant the narrow grid and still load as ``intB_narrow`` (``IntFormat.upgrade_dict``).
 
 Asymmetric: ``q ∈ [0, 2^b - 1]`` with either
 
