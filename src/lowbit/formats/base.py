@@ -16,8 +16,8 @@ and block-scaled formats with a tensor-wide scale multiply by ``global_scale`` a
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
