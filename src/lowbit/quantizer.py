@@ -1,7 +1,8 @@
-"""Round a weight to a ``QuantSpec``: scale choice (min-max or MSE search) and packing.
+"""Round a weight to a ``QuantSpec``: checks, the walk over a granularity's tiles, and packing.
 
 This is the shared path of every algorithm: round-to-nearest calls it directly, and
-calibrated algorithms call ``choose_qparams`` and the format's quantize/dequantize themselves.
+calibrated algorithms call ``choose_qparams`` (re-exported from :mod:`lowbit.observers`, which
+holds the scale and zero rules) and the format's quantize/dequantize themselves.
 """
 from __future__ import annotations
 
@@ -10,54 +11,13 @@ from torch import Tensor
 
 from lowbit import grouping
 from lowbit.errors import LowbitError
-from lowbit.formats.base import Format, QParams
+from lowbit.formats.base import Format
+from lowbit.observers import choose_qparams
 from lowbit.packing import pack
-from lowbit.qtensor import QuantizedTensor, matrix_view, round_scale, scale_storage
-from lowbit.spec import SCALE_DTYPES, PerBlock, PerGroup, QuantSpec, search_norm, tile_of
+from lowbit.qtensor import QuantizedTensor, matrix_view
+from lowbit.spec import PerBlock, PerGroup, QuantSpec, tile_of
 
-#: Clipping ratios tried by a scale search: 1.00, 0.99, ..., 0.80, as llm-compressor's MSE
-#: observer does (1% steps, at most 20% shrink). Measured on SmolLM2-135M (bench/presets.py):
-#: shrinking down to 0.40 lowered weight error but raised perplexity.
-MSE_RATIOS = tuple(round(1.0 - 0.01 * i, 2) for i in range(21))
-
-
-def stored_qparams(qp: QParams, spec: QuantSpec) -> QParams:
-    """Round scale (and a float zero) to their storage dtype, as they will be saved."""
-    scale = round_scale(qp.scale, scale_storage(spec))
-    zero = qp.zero
-    if zero is not None and spec.format.zero_kind == "float":
-        dt = SCALE_DTYPES[spec.scale_dtype]
-        zero = zero.clamp(-torch.finfo(dt).max, torch.finfo(dt).max).to(dt).to(torch.float32)
-    return QParams(scale, zero, qp.global_scale)
-
-
-def choose_qparams(blocks: Tensor, spec: QuantSpec, global_scale: Tensor | None = None) -> QParams:
-    """Per-block qparams for ``blocks`` (n_blocks, block_size) float32, as stored.
-
-    ``minmax`` covers each block's full range; ``mse`` / ``lpP`` try every ratio in
-    ``MSE_RATIOS`` and keep, per block, the one with the smallest ``sum |x̂ - x|^p``; ``hqq``
-    keeps the min-max scale and refines the float zero (``algorithms.hqq``).
-    """
-    fmt = spec.format
-    p = search_norm(spec.scale_search)
-    if spec.scale_search == "hqq":
-        from lowbit.algorithms.hqq import hqq_zero
-
-        return stored_qparams(hqq_zero(blocks, fmt, fmt.choose_qparams(blocks, 1.0, global_scale)), spec)
-    if p is None:
-        return stored_qparams(fmt.choose_qparams(blocks, 1.0, global_scale), spec)
-    best, best_err = None, None
-    for ratio in MSE_RATIOS:
-        qp = stored_qparams(fmt.choose_qparams(blocks, ratio, global_scale), spec)
-        err = (fmt.dequantize(fmt.quantize(blocks, qp), qp) - blocks).abs().pow(p).sum(dim=1, keepdim=True)
-        if best is None:
-            best, best_err = qp, err
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        zero = None if qp.zero is None else torch.where(better, qp.zero, best.zero)
-        best = QParams(torch.where(better, qp.scale, best.scale), zero, qp.global_scale)
-    return best
+__all__ = ["check_weight", "choose_qparams", "pack_matrix", "quantize_matrix", "quantize_weight"]
 
 
 def check_weight(w: Tensor, spec: QuantSpec, rows: int, cols: int, name: str = "weight") -> None:

@@ -25,7 +25,7 @@ def test_formats_json_lists_every_format_with_its_table():
     from lowbit.formats import all_formats
 
     assert set(rows) == set(all_formats())
-    assert rows["int4"]["bits"] == 4 and rows["int4"]["max"] == 7
+    assert rows["int4"]["bits"] == 4 and rows["int4"]["max"] == 8 and rows["int4_narrow"]["max"] == 7
     assert rows["uint3"]["values"] == list(range(8))
     for name, row in rows.items():
         assert {"name", "bits", "max", "values"} <= set(row)

@@ -126,9 +126,9 @@ def check_power_domain(fmt: PowerFormat, x, codes, qp) -> None:
     assert (torch.sign(q) * torch.sign(x) >= 0).all()
 
 
-# --- (c) symmetric formats are odd -------------------------------------------------------
-@pytest.mark.parametrize("name", [n for n, f in FORMATS.items() if f.symmetric])
-def test_symmetric_formats_are_odd(name):
+# --- (c) odd formats are odd; other symmetric ones are odd but for their extra code -------
+@pytest.mark.parametrize("name", [n for n, f in FORMATS.items() if f.odd])
+def test_odd_formats_are_odd(name):
     fmt = FORMATS[name]
     w = random_weight(2)
     spec = spec_for(fmt)
@@ -137,6 +137,25 @@ def test_symmetric_formats_are_odd(name):
         pos = fmt.dequantize(fmt.quantize(x, qp), qp)
         neg = fmt.dequantize(fmt.quantize(-x, qp), qp)
         assert torch.equal(neg, -pos)
+
+
+@pytest.mark.parametrize("name", [n for n, f in FORMATS.items() if f.symmetric and not f.odd])
+def test_symmetric_formats_are_odd_except_at_their_extra_code(name):
+    """A full-range integer grid has one value with no twin, its most negative one: ``Q(-x)``
+    is ``-Q(x)`` wherever neither is that value, and the table without it is odd."""
+    fmt = FORMATS[name]
+    v = fmt.values()
+    v = torch.sort(v[torch.isfinite(v)]).values
+    extra, rest = v[0], v[1:]
+    assert torch.equal(rest, -rest.flip(0)) and extra == -v[-1] - (v[-1] - v[-2])
+    w = random_weight(2)
+    for x, _, qp in blocks_of(quantize_weight(w, spec_for(fmt)), w):
+        pos = fmt.dequantize(fmt.quantize(x, qp), qp)
+        neg = fmt.dequantize(fmt.quantize(-x, qp), qp)
+        lowest = float(extra) * qp.scale
+        keep = (pos != lowest) & (neg != lowest)
+        assert torch.equal(neg[keep], -pos[keep])
+        assert (~keep).any()  # the extra code is used (the block's negative extreme)
 
 
 @pytest.mark.parametrize("name", [n for n, f in FORMATS.items() if not f.symmetric])

@@ -79,3 +79,15 @@ def test_errors():
             pack(torch.tensor([0]), bits)
     with pytest.raises(LowbitError):
         unpack(torch.zeros(2, dtype=torch.uint8), 3, 7)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n", [1, 13, 64])
+def test_pack_and_unpack_stay_on_the_input_device(bits, n):
+    """Every allocation follows the input (GPTQ hands over codes on the weight's device): on the
+    ``meta`` device, which holds no data, a CPU allocation would surface as a device mismatch."""
+    packed = pack(torch.zeros(n, dtype=torch.uint8, device="meta"), bits)
+    assert packed.device.type == "meta" and packed.dtype == torch.uint8
+    assert packed.shape == (packed_nbytes(n, bits),)
+    codes = unpack(packed, bits, n)
+    assert codes.device.type == "meta" and codes.dtype == torch.uint8 and codes.shape == (n,)

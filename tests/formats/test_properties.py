@@ -1,7 +1,8 @@
 """Hypothesis properties of integer formats over shapes, group sizes and bit widths.
 
 Shapes: rows 1..9, cols 1..70; group sizes 1..cols (non-dividing ones give a partial last
-group); bits 2..8; symmetric, asymmetric with an integer zero, asymmetric with a float zero.
+group); bits 2..8; symmetric (full and narrow range), asymmetric with an integer zero,
+asymmetric with a float zero.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ def cases(draw):
     cols = draw(st.integers(1, 70))
     group = draw(st.integers(1, cols))
     bits = draw(st.integers(2, 8))
-    kind = draw(st.sampled_from(["sym", "int", "float"]))
-    fmt = IntFormat(bits, True) if kind == "sym" else IntFormat(bits, False, kind)
+    kind = draw(st.sampled_from(["sym", "narrow", "int", "float"]))
+    fmt = IntFormat(bits, False, kind) if kind in ("int", "float") else IntFormat(bits, narrow_range=kind == "narrow")
     seed = draw(st.integers(0, 2**31 - 1))
     spread = draw(st.sampled_from([1e-3, 1.0, 1e3]))
     g = torch.Generator().manual_seed(seed)
@@ -58,7 +59,7 @@ def test_error_within_half_step_inside_range(case):
         xhat = fmt.dequantize(grouping.to_blocks(codes, region), qp).double()
         s = qp.scale.double()
         if fmt.symmetric:
-            lo, hi = -fmt.qmax * s, fmt.qmax * s
+            lo, hi = fmt.qmin * s, fmt.qmax * s
         elif fmt.zero == "int":
             lo, hi = -qp.zero * s, (fmt.qmax - qp.zero) * s
         else:

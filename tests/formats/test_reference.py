@@ -128,13 +128,16 @@ def test_minifloat_equals_arithmetic_definition(name):
     assert quantize_both_paths(fmt, x) == want
 
 
+@pytest.mark.parametrize("narrow", [False, True])
 @pytest.mark.parametrize("bits", range(2, 9))
-def test_symmetric_int_equals_round_half_even(bits):
-    fmt = IntFormat(bits)
+def test_symmetric_int_equals_round_half_even(bits, narrow):
+    fmt = IntFormat(bits, narrow_range=narrow)
     x = inputs_for(fmt, seed=bits)
     qmax = 2 ** (bits - 1) - 1
-    want = [max(-qmax, min(qmax, round(v))) + 2 ** (bits - 1) for v in x.double().flatten().tolist()]
+    qmin = -qmax if narrow else -qmax - 1  # the full range reaches -2^(b-1)
+    want = [max(qmin, min(qmax, round(v))) + 2 ** (bits - 1) for v in x.double().flatten().tolist()]
     assert fmt.quantize(x, UNIT).flatten().tolist() == want
+    assert (min(want) == 0) != narrow  # the inputs reach past both ends
 
 
 @pytest.mark.parametrize("bits,zero", [(b, z) for b in (2, 4, 8) for z in ("int", "float")])

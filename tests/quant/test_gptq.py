@@ -107,7 +107,7 @@ def test_identity_hessian_equals_rtn(name, act_order):
         ref = rtn(W, spec)
         assert_same_as_rtn(r, ref)
         assert torch.equal(reconstruct(spec, r.codes, r.scale, r.zero, r.global_scale), reconstruct(spec, *ref))
-        assert r.dead == 0 and r.damp_used == 0.01
+        assert r.dead == 0 and r.damp_used == GPTQ.damp
 
 
 @pytest.mark.parametrize("search", ["mse", "lp3"])
@@ -159,7 +159,7 @@ def test_dynamic_groups_read_updated_weights(name, block_size):
     fmt = get_format(name)
     spec = QuantSpec(fmt, PerGroup(8))
     W, H = randn(6, 44, seed=4), correlated_hessian(44, seed=5)
-    r = gptq(W, H, spec, block_size=block_size)
+    r = gptq(W, H, spec, block_size=block_size, damp=0.01, act_order=False)  # dynamic groups
     ref = reference_gptq(W, H, spec)
     assert (r.codes == ref).float().mean() >= 0.98  # float rounding may flip a rare near-tie
     assert not torch.equal(r.scale, rtn(W, spec)[1])  # later groups were chosen after updates
@@ -198,7 +198,7 @@ def test_act_order_writes_codes_back_to_original_columns(name):
 def test_static_groups_without_act_order_keep_rtn_qparams():
     spec = QuantSpec(get_format("uint4"), PerGroup(16))
     W, H = randn(6, 40, seed=10), correlated_hessian(40, seed=11)
-    r = gptq(W, H, spec, static_groups=True)
+    r = gptq(W, H, spec, static_groups=True, act_order=False)
     ref = rtn(W, spec)
     assert torch.equal(r.scale, ref[1]) and torch.equal(r.zero, ref[2])
     assert not torch.equal(r.codes, ref[0])
@@ -294,7 +294,7 @@ def test_config_static_groups_default_follows_act_order():
     spec = QuantSpec(get_format("uint4"), PerGroup(16))
     a, b = GPTQ().solve(W, H, spec), gptq(W, H, spec, damp=GPTQ().damp, act_order=True)
     assert torch.equal(a.codes, b.codes) and a.loss == b.loss
-    c, d = GPTQ(act_order=False).solve(W, H, spec), gptq(W, H, spec, damp=GPTQ().damp)
+    c, d = GPTQ(act_order=False).solve(W, H, spec), gptq(W, H, spec, damp=GPTQ().damp, act_order=False)
     assert torch.equal(c.codes, d.codes) and c.loss == d.loss
 
 
@@ -307,6 +307,25 @@ def test_defaults_are_the_measured_ones_and_the_cli_uses_them():
     assert make("gptq").config == GPTQ()
     assert from_methods("gptq", {}).stages[0].modifier.config == GPTQ()
     assert from_methods("gptq", {"damp": 0.1}).stages[0].modifier.config == GPTQ(damp=0.1)
+    assert (DEFAULT_DAMP, GPTQ().block_size) == (1.0, 128)
+
+
+def test_the_function_has_the_dataclass_defaults():
+    """One set of defaults: every keyword of ``gptq`` named like a ``GPTQ`` field defaults to it,
+    and a bare call gives what ``GPTQ().solve`` gives, not the paper's damp 0.01 without act-order."""
+    import dataclasses
+    import inspect
+
+    params = inspect.signature(gptq).parameters
+    for f in dataclasses.fields(GPTQ):
+        assert params[f.name].default == f.default, f.name
+    W, H = randn(6, 48, seed=17), correlated_hessian(48, seed=18)
+    spec = QuantSpec(get_format("uint4"), PerGroup(16))
+    bare, cfg = gptq(W, H, spec), GPTQ().solve(W, H, spec)
+    assert torch.equal(bare.codes, cfg.codes) and bare.loss == cfg.loss and bare.damp_used == GPTQ().damp
+    paper = gptq(W, H, spec, damp=0.01, act_order=False)
+    assert not torch.equal(bare.codes, paper.codes)  # the defaults decide something here
+
 
 def test_shapes_are_checked():
     with pytest.raises(LowbitError, match="H"):

@@ -89,16 +89,16 @@ def test_same_input_same_codes():
 
 
 def test_nupes_method_is_never_worse_than_uniform():
-    """The search includes a = 1, where the power grid equals the symmetric int grid."""
+    """The search includes a = 1, where the power grid equals the odd (narrow-range) int grid."""
     w = torch.distributions.StudentT(3.0).sample((64, 128))
     spec = QuantSpec(get_format("int4"), PerChannel())
     qt = nupes(w, spec)
     assert isinstance(qt.spec.format, PowerFormat) and 0.2 <= qt.spec.format.a <= 1.0
     err_pow = (qt.dequantize() - w).pow(2).sum()
-    err_int = (quantize_weight(w, spec).dequantize() - w).pow(2).sum()
+    err_int = (quantize_weight(w, QuantSpec(get_format("int4_narrow"), PerChannel())).dequantize() - w).pow(2).sum()
     assert err_pow <= err_int
-    # a = 1 is the uniform grid (up to float rounding of the two scale parametrizations)
-    f32 = QuantSpec(get_format("int4"), PerChannel(), scale_dtype="float32")
+    # a = 1 is the narrow uniform grid (up to float rounding of the two scale parametrizations)
+    f32 = QuantSpec(get_format("int4_narrow"), PerChannel(), scale_dtype="float32")
     uniform = QuantSpec(PowerFormat(4, 1.0), PerChannel(), scale_dtype="float32")
     assert torch.allclose(quantize_weight(w, uniform).dequantize(), quantize_weight(w, f32).dequantize(), atol=1e-5)
 

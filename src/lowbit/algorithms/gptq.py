@@ -72,9 +72,9 @@ class GPTQ:
     static_groups  choose group qparams up front from W; None = exactly when ``act_order``
     =============  ========================================================================
 
-    The defaults were chosen by measurement (``bench/gptq.py``, BENCHMARKS.md), not taken from
-    the paper, whose reference code uses damp 0.01 without act-order (the defaults of the
-    function :func:`gptq`). On SmolLM2-135M, calibrated on pydoc and scored on pydoc and on
+    These field defaults are the only defaults: the function :func:`gptq` takes its keyword
+    defaults from them. They were chosen by measurement (``bench/gptq.py``, BENCHMARKS.md), not
+    taken from the paper, whose reference code uses damp 0.01 without act-order. On SmolLM2-135M, calibrated on pydoc and scored on pydoc and on
     English prose, act-order was the largest single gain in both domains (``uint4_fz:g64:hqq``,
     damp 1: pydoc perplexity 17.51 → 16.25, prose 30.70 → 29.08), and damp 1 balanced the two
     domains best with act-order (damp 0.1 fits pydoc closer and prose looser, damp 10 the
@@ -196,16 +196,17 @@ class _Qparams:
 
 
 @torch.no_grad()
-def gptq(W: Tensor, H: Tensor, spec: QuantSpec, *, damp: float = 0.01, block_size: int = 128,
-         act_order: bool = False, static_groups: bool | None = None,
+def gptq(W: Tensor, H: Tensor, spec: QuantSpec, *, damp: float = GPTQ.damp, block_size: int = GPTQ.block_size,
+         act_order: bool = GPTQ.act_order, static_groups: bool | None = GPTQ.static_groups,
          global_scale: Tensor | None = None) -> GPTQResult:
     """Quantize a (rows, cols) matrix view with GPTQ.
 
     W: (rows, cols) float (copied to float32; not modified). H: (cols, cols) float proxy
     Hessian ``(2/n)·Σ xᵀx`` of the inputs (see ``HessianStats``), moved to W's device.
     ``global_scale`` (NVFP4's tensor scale): None computes the format's own from W after
-    dead-column zeroing. ``damp``, ``block_size``, ``act_order``, ``static_groups``: see ``GPTQ``;
-    the keyword defaults here are the paper's (damp 0.01, no act-order), ``GPTQ()`` holds lowbit's.
+    dead-column zeroing. ``damp``, ``block_size``, ``act_order``, ``static_groups``: see ``GPTQ``,
+    whose field defaults are these keyword defaults (damp 1 with act-order, measured); the
+    paper's reference settings are ``damp=0.01, act_order=False``.
     """
     cfg = GPTQ(damp, block_size, act_order, static_groups)  # validates
     if W.ndim != 2 or H.shape != (W.shape[1], W.shape[1]):

@@ -1,4 +1,5 @@
-"""Data-free exponent search for the NUPES / PowerQuant power quantizer (METHODS.md §1).
+"""Data-free exponent search for the NUPES / PowerQuant power quantizer (Yvinec, Dapogny, Bailly,
+"NUPES: Non-Uniform Post-Training Quantization via Power Exponent Search", arXiv:2308.05600).
 
 PowerQuant picks the exponent ``a`` of :class:`lowbit.formats.grid.PowerFormat` by minimizing
 the reconstruction error ``||W − D(Q_a(W))||²``; the paper proves it locally convex with a

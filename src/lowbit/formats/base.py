@@ -16,6 +16,7 @@ and block-scaled formats with a tensor-wide scale multiply by ``global_scale`` a
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,6 +25,9 @@ from torch import Tensor
 
 from lowbit.errors import LowbitError
 from lowbit.formats.nearest import NearestTable, gather
+
+#: float32 scales -> the float32 values their storage dtype holds (``Format.choose_qparams``)
+ScaleRounding = Callable[[Tensor], Tensor]
 
 _FAMILIES: dict[str, type["Format"]] = {}
 _PRESETS: dict[str, "Format"] = {}
@@ -48,8 +52,10 @@ class Format:
     """Base class of every number format; subclasses are frozen dataclasses.
 
     Subclasses set ``family`` (the registry key), ``bits`` and ``symmetric`` and implement
-    ``values``, ``choose_qparams``, ``quantize`` and ``dequantize``. ``symmetric`` promises that
-    quantization is odd: ``Q(-x) == -Q(x)``. Quantization is elementwise given the qparams
+    ``values``, ``choose_qparams``, ``quantize`` and ``dequantize``. ``symmetric`` means a scale
+    and no zero point, on a grid centred on 0; ``odd`` promises more, that quantization is odd:
+    ``Q(-x) == -Q(x)`` (a full-range integer grid is symmetric but not odd: its most negative
+    code has no positive twin). Quantization is elementwise given the qparams
     (GPTQ quantizes one column at a time). Table formats round with ``nearest`` and
     reconstruct with ``lookup``, whose tables are built once per format and device.
     """
@@ -74,9 +80,14 @@ class Format:
         """Element value of every code, shape (2**bits,) float64; NaN marks unused codes."""
         raise NotImplementedError
 
-    def choose_qparams(self, blocks: Tensor, clip: float = 1.0,
-                       global_scale: Tensor | None = None) -> QParams:
-        """Pick scale (and zero) per block. ``clip`` in (0, 1] shrinks the covered range."""
+    def choose_qparams(self, blocks: Tensor, clip: float = 1.0, global_scale: Tensor | None = None,
+                       round_scale: ScaleRounding | None = None) -> QParams:
+        """Pick scale (and zero) per block. ``clip`` in (0, 1] shrinks the covered range.
+
+        ``round_scale`` maps (n_blocks, 1) float32 scales to the float32 values their storage
+        dtype holds (None: kept as computed). The returned scale is ``round_scale(scale)``, and a
+        zero point is fitted to that rounded scale, so that the stored pair is consistent.
+        """
         raise NotImplementedError
 
     def quantize(self, blocks: Tensor, qp: QParams) -> Tensor:
@@ -111,6 +122,19 @@ class Format:
         return gather(_values32(self, codes.device), codes)
 
     @property
+    def odd(self) -> bool:
+        """Whether quantization is odd, ``Q(-x) == -Q(x)`` (default: ``symmetric``)."""
+        return self.symmetric
+
+    @classmethod
+    def upgrade_dict(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """Fill the fields an older lowbit did not write with the values of their old meaning.
+
+        ``d`` is a ``to_dict`` output without its ``family``; the default adds nothing.
+        """
+        return d
+
+    @property
     def zero_kind(self) -> str | None:
         """'int', 'float' or None: how a zero point is stored, if the format has one."""
         return None
@@ -142,7 +166,10 @@ def get_format(name: str) -> Format:
 
 
 def format_from_dict(d: dict[str, Any]) -> Format:
-    """Rebuild a format from ``to_dict`` output; only registered families and their fields."""
+    """Rebuild a format from ``to_dict`` output; only registered families and their fields.
+
+    A dict written by an older lowbit keeps its old meaning (``Format.upgrade_dict``).
+    """
     _load_builtin()
     d = dict(d)
     family = d.pop("family", None)
@@ -151,6 +178,7 @@ def format_from_dict(d: dict[str, Any]) -> Format:
         raise LowbitError(f"unknown format family {family!r}; known: {', '.join(sorted(_FAMILIES))}")
     import dataclasses
 
+    d = cls.upgrade_dict(d)
     allowed = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(d) - allowed
     if unknown:
@@ -169,6 +197,11 @@ def _load_builtin() -> None:
 def safe_scale(scale: Tensor) -> Tensor:
     """Replace zero scales by one so that division is defined (all-zero blocks stay zero)."""
     return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def rounded(scale: Tensor, round_scale: ScaleRounding | None) -> Tensor:
+    """``round_scale(scale)``, or ``scale`` itself when no rounding is given."""
+    return scale if round_scale is None else round_scale(scale)
 
 
 def absmax(blocks: Tensor) -> Tensor:

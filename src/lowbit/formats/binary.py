@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lowbit.formats.base import Format, QParams, absmax, register_preset, safe_scale
+from lowbit.formats.base import Format, QParams, ScaleRounding, absmax, register_preset, rounded, safe_scale
 
 #: TWN's threshold factor: Δ = 0.7·mean|x| approximates the optimum for Gaussian weights.
 TWN_DELTA = 0.7
@@ -45,9 +45,9 @@ class BinaryFormat(Format):
     def values(self) -> Tensor:
         return torch.tensor([-1.0, 1.0], dtype=torch.float64)
 
-    def choose_qparams(self, blocks: Tensor, clip: float = 1.0,
-                       global_scale: Tensor | None = None) -> QParams:
-        return QParams(scale=blocks.abs().mean(dim=1, keepdim=True) * clip)
+    def choose_qparams(self, blocks: Tensor, clip: float = 1.0, global_scale: Tensor | None = None,
+                       round_scale: ScaleRounding | None = None) -> QParams:
+        return QParams(scale=rounded(blocks.abs().mean(dim=1, keepdim=True) * clip, round_scale))
 
     def quantize(self, blocks: Tensor, qp: QParams) -> Tensor:
         return (blocks >= 0).to(torch.uint8)
@@ -77,15 +77,15 @@ class TernaryFormat(Format):
     def values(self) -> Tensor:
         return torch.tensor([-1.0, 0.0, 1.0, float("nan")], dtype=torch.float64)
 
-    def choose_qparams(self, blocks: Tensor, clip: float = 1.0,
-                       global_scale: Tensor | None = None) -> QParams:
+    def choose_qparams(self, blocks: Tensor, clip: float = 1.0, global_scale: Tensor | None = None,
+                       round_scale: ScaleRounding | None = None) -> QParams:
         mag = blocks.abs()  # (n_blocks, block_size)
         delta = TWN_DELTA * mag.mean(dim=1, keepdim=True)
         above = mag > delta
         count = above.sum(dim=1, keepdim=True)
         mean_above = (mag * above).sum(dim=1, keepdim=True) / count.clamp(min=1)
         scale = torch.where(count > 0, mean_above, absmax(blocks))
-        return QParams(scale=scale * clip)
+        return QParams(scale=rounded(scale * clip, round_scale))
 
     def quantize(self, blocks: Tensor, qp: QParams) -> Tensor:
         return self.nearest(blocks / safe_scale(qp.scale))

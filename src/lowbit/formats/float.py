@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
-from lowbit.formats.base import Format, QParams, absmax, register_preset, safe_scale
+from lowbit.formats.base import Format, QParams, ScaleRounding, absmax, register_preset, rounded, safe_scale
 
 SPECIALS = ("none", "fn", "ieee")
 
@@ -126,9 +126,9 @@ class FloatFormat(Format):
         v = minifloat_values(self.exp, self.man, self.bias, self.special)  # type: ignore[arg-type]
         return torch.where(torch.isinf(v), float("nan"), v)
 
-    def choose_qparams(self, blocks: Tensor, clip: float = 1.0,
-                       global_scale: Tensor | None = None) -> QParams:
-        return QParams(scale=absmax(blocks) * clip / self.max)
+    def choose_qparams(self, blocks: Tensor, clip: float = 1.0, global_scale: Tensor | None = None,
+                       round_scale: ScaleRounding | None = None) -> QParams:
+        return QParams(scale=rounded(absmax(blocks) * clip / self.max, round_scale))
 
     def quantize(self, blocks: Tensor, qp: QParams) -> Tensor:
         return self.nearest(blocks / safe_scale(qp.scale))

@@ -6,7 +6,9 @@ quantizer (``PowerFormat``).
 The field is called ``table`` rather than ``values`` because ``values()`` is the contract's
 method.
 
-``PowerFormat(bits, a)`` (NUPES / PowerQuant, METHODS.md §1): with block scale
+``PowerFormat(bits, a)`` (Yvinec et al., "PowerQuant: Automorphism Search for Non-Uniform
+Quantization", arXiv:2301.09858; "NUPES: Non-Uniform Post-Training Quantization via Power
+Exponent Search", arXiv:2308.05600): with block scale
 ``S = absmax·clip`` and ``qmax = 2^(bits-1) - 1``::
 
     q  = sign(x) · min(round((|x| / S)^a · qmax), qmax)     rounding in the power domain
@@ -15,7 +17,7 @@ method.
 This is the paper's ``q = sign(x)·round(|x|^a / s)``, ``s = (c·max|x|)^a / qmax``,
 ``x̂ = sign(q)·(s|q|)^(1/a)`` with ``c = clip``, written with the block scale outside the power
 so that the scale is stored like any other. Codes are stored as ``q + 2^(bits-1)``; code 0 is
-never produced (NaN in ``values()``). ``a = 1`` is the symmetric int grid.
+never produced (NaN in ``values()``). ``a = 1`` is the narrow-range int grid (``int4_narrow``).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
-from lowbit.formats.base import Format, QParams, absmax, register_preset, safe_scale
+from lowbit.formats.base import Format, QParams, ScaleRounding, absmax, register_preset, rounded, safe_scale
 from lowbit.formats.nearest import NearestTable
 
 #: QLoRA NormalFloat-4 (bitsandbytes ``NF4`` lookup table), exact published constants.
@@ -82,9 +84,9 @@ class CodebookFormat(Format):
         v[: len(self.table)] = torch.tensor(self.table, dtype=torch.float64)
         return v
 
-    def choose_qparams(self, blocks: Tensor, clip: float = 1.0,
-                       global_scale: Tensor | None = None) -> QParams:
-        return QParams(scale=absmax(blocks) * clip / self.max)
+    def choose_qparams(self, blocks: Tensor, clip: float = 1.0, global_scale: Tensor | None = None,
+                       round_scale: ScaleRounding | None = None) -> QParams:
+        return QParams(scale=rounded(absmax(blocks) * clip / self.max, round_scale))
 
     def quantize(self, blocks: Tensor, qp: QParams) -> Tensor:
         x = blocks / safe_scale(qp.scale)
@@ -157,9 +159,9 @@ class PowerFormat(Format):
         q = q.copysign_(blocks)  # -|q| for x < 0; for x = -0, q = 0 gives the same code
         return q.add_(2 ** (self.bits - 1)).to(torch.uint8)
 
-    def choose_qparams(self, blocks: Tensor, clip: float = 1.0,
-                       global_scale: Tensor | None = None) -> QParams:
-        return QParams(scale=absmax(blocks) * clip)
+    def choose_qparams(self, blocks: Tensor, clip: float = 1.0, global_scale: Tensor | None = None,
+                       round_scale: ScaleRounding | None = None) -> QParams:
+        return QParams(scale=rounded(absmax(blocks) * clip, round_scale))
 
     def dequantize(self, codes: Tensor, qp: QParams) -> Tensor:
         return self.lookup(codes) * qp.scale

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
-from lowbit.formats.base import Format, QParams, absmax, register_preset, safe_scale
+from lowbit.formats.base import Format, QParams, ScaleRounding, absmax, register_preset, rounded, safe_scale
 from lowbit.formats.float import FloatFormat
 
 _FLOAT_ELEMENTS = {
@@ -110,10 +110,10 @@ class MXFormat(Format):
             return int8_element_values()
         return _FLOAT_ELEMENTS[self.element].values()
 
-    def choose_qparams(self, blocks: Tensor, clip: float = 1.0,
-                       global_scale: Tensor | None = None) -> QParams:
+    def choose_qparams(self, blocks: Tensor, clip: float = 1.0, global_scale: Tensor | None = None,
+                       round_scale: ScaleRounding | None = None) -> QParams:
         exp = shared_exponent(absmax(blocks) * clip, self.emax_elem)
-        return QParams(scale=torch.exp2(exp))  # exact powers of two, 2^-127 .. 2^127
+        return QParams(scale=rounded(torch.exp2(exp), round_scale))  # exact powers of two, 2^-127 .. 2^127
 
     def quantize(self, blocks: Tensor, qp: QParams) -> Tensor:
         return self.nearest(blocks / safe_scale(qp.scale))
@@ -155,14 +155,14 @@ class NVFP4Format(Format):
         g = x.detach().abs().amax().to(torch.float32) / (_E4M3_MAX * 6.0)
         return torch.where(g > 0, g, torch.ones_like(g))
 
-    def choose_qparams(self, blocks: Tensor, clip: float = 1.0,
-                       global_scale: Tensor | None = None) -> QParams:
+    def choose_qparams(self, blocks: Tensor, clip: float = 1.0, global_scale: Tensor | None = None,
+                       round_scale: ScaleRounding | None = None) -> QParams:
         """Without ``global_scale`` the blocks' own tensor scale is used (and returned)."""
         g = self.global_scale(blocks) if global_scale is None else global_scale
         amax = absmax(blocks)
         s = (amax * clip / 6.0 / g).clamp(max=_E4M3_MAX)
         s = torch.where(amax > 0, s.clamp(min=_E4M3_MIN_SUBNORMAL), torch.zeros_like(s))
-        return QParams(scale=s.to(torch.float8_e4m3fn).to(torch.float32), global_scale=g)
+        return QParams(scale=rounded(s.to(torch.float8_e4m3fn).to(torch.float32), round_scale), global_scale=g)
 
     def quantize(self, blocks: Tensor, qp: QParams) -> Tensor:
         s = qp.scale if qp.global_scale is None else qp.scale * qp.global_scale

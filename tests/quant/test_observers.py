@@ -1,10 +1,12 @@
-"""HQQ's zero optimizer against the reference's own update written in its units, and its guarantees."""
+"""lowbit.observers: HQQ's zero optimizer against the reference's own update written in its units,
+its guarantees, and the order "round the scale, then fit the zero"."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lowbit.algorithms.hqq import BETA, ITERS, LP_NORM, hqq_zero
+from lowbit.formats import QParams
+from lowbit.observers import BETA, ITERS, LP_NORM, MSE_RATIOS, hqq_zero, scale_rounding, stored_qparams
 from lowbit.errors import LowbitError
 from lowbit.formats import get_format
 from lowbit.quantizer import choose_qparams, quantize_weight
@@ -87,3 +89,46 @@ def test_hqq_scale_search_through_a_spec_string():
 def test_hqq_needs_a_float_zero():
     with pytest.raises(LowbitError, match="hqq refines a float zero"):
         parse_scheme("uint4:g32:hqq")
+
+
+# --- the zero is fitted after the scale is rounded to its storage dtype ----------------------
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("search", ["minmax", "mse"])
+def test_integer_zero_is_fitted_to_the_stored_scale(dtype, search):
+    """The stored zero puts the block minimum on the nearest point of the *stored* grid:
+    ``zero == round(-min/s_stored)``. Fitted to the float32 scale instead (the order before this
+    fix), some blocks get a zero one code off."""
+    spec = parse_scheme(f"uint4:g64{':mse' if search == 'mse' else ''}:scale={dtype}")
+    fmt = spec.format
+    x = torch.randn(1024, 64, generator=torch.Generator().manual_seed(1)) * 0.02
+    qp = choose_qparams(x, spec)
+    assert torch.equal(qp.scale, qp.scale.to(getattr(torch, dtype)).float())
+    if search == "minmax":
+        lo = x.amin(1, keepdim=True).clamp(max=0)
+        assert torch.equal(qp.zero, torch.round(-lo / qp.scale).clamp(0, 15))
+        before = fmt.choose_qparams(x)  # float32 scale, zero fitted to it
+        assert (before.zero != qp.zero).any()  # the order matters on these blocks
+    else:  # every candidate of the search is fitted to its own stored scale
+        lo = x.amin(1, keepdim=True)
+        fitted = torch.zeros_like(qp.zero, dtype=torch.bool)
+        for r in MSE_RATIOS:  # the kept (scale, zero) is a candidate whose zero fits its stored scale
+            same = qp.scale == fmt.choose_qparams(x, r, round_scale=scale_rounding(spec)).scale
+            fitted |= same & (qp.zero == torch.round(-(lo * r).clamp(max=0) / qp.scale).clamp(0, 15))
+        assert fitted.all()
+
+
+def test_hqq_zero_is_solved_with_the_stored_scale():
+    """Under ``scale=bfloat16`` HQQ refines the zero for the scale as stored (rounded first). Its
+    last step re-fits the zero to the codes, so the stored blocks are less biased than when the
+    zero is solved with the float32 scale and the scale rounded afterwards."""
+    spec = parse_scheme("uint4_fz:g64:hqq:scale=bfloat16")
+    fmt = spec.format
+    x = torch.randn(512, 64, generator=torch.Generator().manual_seed(0)) * 0.02
+    qp = choose_qparams(x, spec)
+    stored_scale = ((x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) / 15).to(torch.bfloat16).float()
+    assert torch.equal(qp.scale, stored_scale)
+    want = hqq_zero(x, fmt, QParams(stored_scale, x.amin(1, keepdim=True)))
+    assert torch.equal(qp.zero, want.zero.to(torch.bfloat16).float())
+    after = stored_qparams(hqq_zero(x, fmt, fmt.choose_qparams(x)), spec)  # the order before the fix
+    bias = lambda q: (fmt.dequantize(fmt.quantize(x, q), q) - x).mean(1).abs().mean()  # noqa: E731
+    assert bias(qp) < 0.9 * bias(after)
