@@ -55,6 +55,7 @@ from lowbit.errors import LowbitError
 from lowbit.export._write import atomic_folder
 from lowbit.formats.float import FloatFormat
 from lowbit.formats.int import IntFormat
+from lowbit.export._roles import refuse_extras
 from lowbit.io import INDEX, MANIFEST, WEIGHTS, read_manifest
 from lowbit.packing import pack
 from lowbit.qtensor import QuantizedTensor
@@ -94,6 +95,7 @@ def export(path: Path, out: Path, overwrite: bool = False) -> Path:
     if manifest["model"]["kind"] != "hf" or not (path / "config.json").is_file():
         raise LowbitError(f"{path} holds no Hugging Face model (config.json); compressed-tensors exports need one, "
                           "e.g. a model quantized with `lowbit quantize`")
+    refuse_extras(manifest, "compressed-tensors")
     if not manifest["quantized"]:
         raise LowbitError(f"{path} holds no quantized weights; there is nothing for compressed-tensors to store")
     modules, tied = _skeleton(path, manifest)

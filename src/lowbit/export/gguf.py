@@ -282,12 +282,14 @@ def _file_type(items: list[Entry]) -> int:
 def export(path: Path, out: Path, overwrite: bool = False) -> Path:
     """Write the lowbit folder ``path`` as one GGUF file at ``out`` (atomic); returns ``out``."""
     from lowbit.export._gguf_vocab import add_vocab, read_vocab
+    from lowbit.export._roles import refuse_extras
     from lowbit.hf.load import transformers
     from lowbit.io import read_manifest
 
     gguf = _gguf()
     path, out = Path(path), Path(out)
     manifest = read_manifest(path)
+    refuse_extras(manifest, "gguf")
     arch = architecture(path, manifest)
     config = transformers().AutoConfig.from_pretrained(str(path))
     vocab = read_vocab(path, config)
