@@ -32,9 +32,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+import lowbit.nn.kernel_dequant as kernel_dequant
+import lowbit.nn.kernel_int4 as kernel_int4
+import lowbit.nn.kernel_int8 as kernel_int8
 from lowbit.errors import LowbitError
 from lowbit.formats.int import IntFormat
-from lowbit.nn import kernel_dequant, kernel_int4, kernel_int8
 from lowbit.nn.activation import quantize_input
 from lowbit.packing import pack
 from lowbit.qtensor import QuantizedTensor, matrix_view
