@@ -29,6 +29,8 @@ from lowbit.spec import SCALE_DTYPES, QuantSpec, tile_of
 LAYOUTS = ("rows", "experts", "transposed")
 #: Every role a QuantizedTensor stores, in the order ``to_tensors`` writes them.
 ROLES = ("codes", "scale", "zero", "global_scale", "mask", "lowrank_a", "lowrank_b", "input_scale")
+#: The roles of folder format 1, which every export stores; the others are listed in a tensor's meta.
+CORE_ROLES = ROLES[:4]
 
 
 def matrix_view(w: Tensor, layout: str) -> Tensor:
@@ -270,8 +272,6 @@ class QuantizedTensor:
             input_scale=None if iscale is None else iscale.reshape(()).to(torch.float32),
         )
 
-
-CORE_ROLES = ("codes", "scale", "zero", "global_scale")
 
 
 def _bits(t: Tensor) -> int:

@@ -58,7 +58,7 @@ from lowbit.formats.int import IntFormat
 from lowbit.export._roles import refuse_extras
 from lowbit.io import INDEX, MANIFEST, WEIGHTS, read_manifest
 from lowbit.packing import pack
-from lowbit.qtensor import QuantizedTensor
+from lowbit.qtensor import CORE_ROLES, QuantizedTensor
 from lowbit.schemes import describe
 from lowbit.spec import PerTensor, QuantSpec, tile_of
 
@@ -67,7 +67,6 @@ SUPPORTED = ("int4/int8 and uint4/uint8 (integer zero) per tensor, channel, grou
 
 log = logging.getLogger(__name__)
 _FP8 = FloatFormat(4, 3, special="fn")
-_ROLES = ("codes", "scale", "zero", "global_scale")
 _SKIP_FILES = {MANIFEST, "config.json", INDEX}
 
 
@@ -274,7 +273,7 @@ def _convert(tensors: dict[str, Tensor], manifest: dict[str, Any], layers: dict[
     for key, layer in layers.items():
         if f"{key}.codes" not in tensors:
             continue  # stored in another shard
-        parts = {r: tensors.pop(f"{key}.{r}") for r in _ROLES if f"{key}.{r}" in tensors}
+        parts = {r: tensors.pop(f"{key}.{r}") for r in CORE_ROLES if f"{key}.{r}" in tensors}
         qt = QuantizedTensor.from_tensors(manifest["quantized"][key], parts)
         out.update({f"{layer.module}.{name}": t for name, t in compress(qt, layer).items()})
     names: dict[str, list[str]] = {}  # a tied tensor is written under the names HF keeps

@@ -49,7 +49,7 @@ from torch import Tensor
 from lowbit.errors import LowbitError
 from lowbit.export._write import atomic_file
 from lowbit.formats.base import QParams
-from lowbit.qtensor import QuantizedTensor, scale_storage
+from lowbit.qtensor import CORE_ROLES, QuantizedTensor, scale_storage
 from lowbit.spec import PerGroup
 
 log = logging.getLogger(__name__)
@@ -176,8 +176,7 @@ def _sources(path: Path, manifest: dict) -> dict[str, QuantizedTensor | Tensor]:
         if "same_as" in meta:
             out[key] = out[meta["same_as"]]
             continue
-        roles = {r: weights.pop(f"{key}.{r}") for r in ("codes", "scale", "zero", "global_scale")
-                 if f"{key}.{r}" in weights}
+        roles = {r: weights.pop(f"{key}.{r}") for r in CORE_ROLES if f"{key}.{r}" in weights}
         out[key] = QuantizedTensor.from_tensors(meta, roles)
     out.update(weights)
     for alias, source in manifest["aliases"].items():
