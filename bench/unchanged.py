@@ -28,7 +28,7 @@ CASES = [("uint4:g128", "rtn"), ("uint4_fz:g64:hqq", "rtn"), ("pow4_a0.5:g64", "
 
 
 def hashes(model: torch.nn.Module, scheme: str, method: str) -> dict[str, str]:
-    from lowbit.apply import quantized_tensors
+    from lowbit.nn.reference import quantized_tensors
 
     m = copy.deepcopy(model)
     lowbit.quantize(m, scheme, method=method, progress=False)

@@ -2,11 +2,11 @@
 
 A saved folder holds
 
-* ``model.safetensors``: every unquantized tensor under its state-dict key, and for each
-  quantized weight ``<key>.codes`` (packed uint8), ``<key>.scale`` and, where the format has
-  them, ``<key>.zero`` and ``<key>.global_scale``;
-* ``lowbit.json``: lowbit version, format version, the spec, shape, layout and compute dtype
-  of every quantized tensor, and the aliases of tied tensors;
+* ``model.safetensors``: every unquantized tensor under its state-dict key, for each quantized
+  weight one tensor per stored role, ``<key>.<role>`` (``codes``, ``scale``, and where present
+  ``zero``, ``global_scale``, ``mask``, ``lowrank_a``, ``lowrank_b``, ``input_scale``; see
+  ``lowbit.qtensor``), and for each float weight pruned in place its bit-packed ``<key>_mask``;
+* ``lowbit.json``: the manifest (``lowbit.manifest`` has its layout and versions);
 * for Hugging Face models, ``config.json``, the generation config and the tokenizer.
 
 Everything is written into a temporary sibling folder and renamed into place, so a failed
@@ -26,15 +26,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lowbit
-from lowbit.apply import attach, quantized_tensors
 from lowbit.errors import LowbitError
-from lowbit.qtensor import QuantizedTensor
+from lowbit.manifest import FORMAT_VERSION, check_agree, migrate, quantization_config
+from lowbit.nn.convert import place
+from lowbit.nn.reference import attach, attach_mask, masks, quantized_tensors
+from lowbit.qtensor import QuantizedTensor, pack_mask, unpack_mask
 
 MANIFEST = "lowbit.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-FORMAT_VERSION = 1
-_ROLES = ("codes", "scale", "zero", "global_scale")
 
 
 def save(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False,
@@ -76,7 +76,7 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None, overwr
 def _write_weights(tmp: Path, chunks: Iterable[tuple[dict[str, torch.Tensor], dict[str, Any]]]) -> dict[str, Any]:
     """One file for a single chunk, numbered shards and an index for several; returns the manifest."""
     manifest: dict[str, Any] = {"lowbit_version": lowbit.__version__, "format_version": FORMAT_VERSION,
-                                "quantized": {}, "aliases": {}}
+                                "quantized": {}, "masks": {}, "aliases": {}}
     names: list[str] = []
     weight_map: dict[str, str] = {}
     total = 0
@@ -86,8 +86,8 @@ def _write_weights(tmp: Path, chunks: Iterable[tuple[dict[str, torch.Tensor], di
         names.append(name)
         weight_map.update({k: name for k in tensors})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
-        manifest["quantized"].update(part["quantized"])
-        manifest["aliases"].update(part["aliases"])
+        for k in ("quantized", "masks", "aliases"):
+            manifest[k].update(part[k])
     if len(names) == 1:
         os.replace(tmp / names[0], tmp / WEIGHTS)
         return manifest
@@ -102,7 +102,7 @@ def _write_weights(tmp: Path, chunks: Iterable[tuple[dict[str, torch.Tensor], di
 
 def collect(module: nn.Module, prefix: str = "", skip: str | None = None
             ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors to save and the manifest part (``quantized``, ``aliases``) of ``module``.
+    """Tensors to save and the manifest part (``quantized``, ``masks``, ``aliases``) of ``module``.
 
     Keys get ``prefix``; keys starting with ``skip`` (a streamed model's blocks) are left out.
     """
@@ -131,17 +131,24 @@ def collect(module: nn.Module, prefix: str = "", skip: str | None = None
         for role, t in qt.to_tensors().items():
             tensors[f"{key}.{role}"] = t.contiguous()
         qmeta[key] = {**qt.meta(), "dtype": str(dtype).removeprefix("torch.")}
-    return tensors, {"quantized": qmeta, "aliases": aliases}
+    mmeta: dict[str, dict] = {}
+    for module_name, param, mask in sorted(masks(module), key=lambda r: (r[0], r[1])):
+        key = prefix + (f"{module_name}.{param}" if module_name else param)
+        if skip is None or not key.startswith(skip):
+            if f"{key}_mask" in tensors:
+                raise LowbitError(f"{key} is pruned, but the model already has a tensor {key}_mask, where lowbit "
+                                  "stores its mask; rename that tensor")
+            tensors[f"{key}_mask"] = pack_mask(mask)  # a name transformers' loader can fill (see hf.quantizer)
+            mmeta[key] = {"shape": list(mask.shape), "tensor": f"{key}_mask"}
+    return tensors, {"quantized": qmeta, "masks": mmeta, "aliases": aliases}
 
 
 def _write_config(path: Path, config: Any, manifest: dict[str, Any]) -> None:
     """config.json, with a ``quantization_config`` that lets transformers' ``from_pretrained``
     load the folder (``lowbit.hf.quantizer``); an unquantized model gets none."""
-    from lowbit.hf.quantizer import quantization_config
-
     d = json.loads(config.to_json_string(use_diff=True))
     d.pop("quantization_config", None)
-    if manifest["quantized"]:
+    if manifest["quantized"] or manifest["masks"]:
         d["quantization_config"] = quantization_config(manifest)
     _write_json(path, d)
 
@@ -192,22 +199,31 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The folder's manifest at the current format version (``lowbit.manifest.migrate``).
+
+    Refuses a damaged manifest, a newer folder format, and a folder whose config.json carries a
+    ``quantization_config`` that disagrees with lowbit.json.
+    """
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise LowbitError(f"{path} is not a lowbit folder (no {MANIFEST}); save one with `lowbit quantize`")
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LowbitError(f"{path / MANIFEST} is not valid JSON ({e}); quantize the model again") from None
+    manifest = _read_json(path / MANIFEST)
     missing = [k for k in ("lowbit_version", "model", "quantized", "aliases") if k not in manifest]
     if not isinstance(manifest, dict) or missing:
         raise LowbitError(f"{path / MANIFEST} is damaged (missing {missing}); quantize the model again")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise LowbitError(
-            f"{path} has lowbit format version {manifest.get('format_version')}; "
-            f"this lowbit {lowbit.__version__} reads version {FORMAT_VERSION}"
-        )
+    manifest = migrate(manifest, str(path))
+    if (path / "config.json").is_file():
+        qc = _read_json(path / "config.json").get("quantization_config")
+        if isinstance(qc, dict) and qc.get("quant_method") == "lowbit":
+            check_agree(manifest, qc, str(path))
     return manifest
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LowbitError(f"{path} is not valid JSON ({e}); quantize the model again") from None
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -228,10 +244,9 @@ def load_into(model: nn.Module, path: str | os.PathLike, packed: bool = True) ->
     ``packed=True`` builds a packed ``lowbit.nn.QuantLinear`` for every quantized Linear (and
     GPT-2 Conv1D) whose weight no other module shares; the weight is never dequantized. Other
     quantized tensors, and every one with ``packed=False``, take the reference path
-    (``lowbit.apply.attach``: the module computes with the dequantized weight).
+    (``lowbit.nn.reference.attach``: the module computes with the dequantized weight). Float
+    weights pruned in place get their masks back (``lowbit.nn.reference.attach_mask``).
     """
-    from lowbit.nn.convert import place
-
     path = Path(path)
     manifest = read_manifest(path)
     tensors = read_weights(path)
@@ -248,13 +263,14 @@ def load_into(model: nn.Module, path: str | os.PathLike, packed: bool = True) ->
             qt, weight = built[meta["same_as"]]
             attach(modules[module_name], param, qt, weight.dtype, weight)
             continue
-        parts = {r: tensors.pop(f"{key}.{r}") for r in _ROLES if f"{key}.{r}" in tensors}
-        qt = QuantizedTensor.from_tensors(meta, parts)
+        qt = QuantizedTensor.from_tensors(meta, pop_roles(tensors, key), name=key)
         dtype = getattr(torch, meta["dtype"])
         if key in shared:  # its twins, later in this loop, attach the same dequantized tensor
             built[key] = (qt, attach(modules[module_name], param, qt, dtype))
         else:
             place(model, module_name, param, qt, dtype, packed)
+    float_masks = {key: unpack_mask(_pop(tensors, m["tensor"], path), tuple(m["shape"]))
+                   for key, m in manifest["masks"].items()}
     for alias, source in manifest["aliases"].items():
         tensors[alias] = tensors[source]
     missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -262,4 +278,22 @@ def load_into(model: nn.Module, path: str | os.PathLike, packed: bool = True) ->
         raise LowbitError(
             f"{path} does not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
+    for key, mask in float_masks.items():
+        module_name, _, param = key.rpartition(".")
+        attach_mask(model.get_submodule(module_name), param, mask)
     return model
+
+
+def _pop(tensors: dict[str, torch.Tensor], key: str, path: Path) -> torch.Tensor:
+    if key not in tensors:
+        raise LowbitError(f"{path} lists the mask {key} but has no such tensor; it is damaged, quantize again")
+    return tensors.pop(key)
+
+
+def pop_roles(tensors: dict[str, torch.Tensor], key: str, need: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Remove and return every ``<key>.<role>`` tensor, keyed by role; ``need`` roles must be there."""
+    found = {k[len(key) + 1:]: k for k in tensors if k.startswith(key + ".")}
+    lost = [r for r in need if r not in found]
+    if lost:
+        raise LowbitError(f"the folder lists {key} but has no {key}.{lost[0]} tensor; it is damaged, quantize again")
+    return {role: tensors.pop(k) for role, k in found.items()}

@@ -1,4 +1,4 @@
-"""``QuantizedTensor``: bit-packed codes plus scales and zeros, and exact size accounting.
+"""``QuantizedTensor``: bit-packed codes plus scales and zeros, open extra roles, exact size accounting.
 
 A weight of any shape is quantized through a 2-D *matrix view* ``(rows, cols)``; groups always
 run along ``cols`` (the input dimension):
@@ -23,9 +23,14 @@ from lowbit import grouping
 from lowbit.errors import LowbitError
 from lowbit.formats.base import QParams
 from lowbit.packing import pack, unpack
+from lowbit.scheme import ActSpec
 from lowbit.spec import SCALE_DTYPES, QuantSpec, tile_of
 
 LAYOUTS = ("rows", "experts", "transposed")
+#: Every role a QuantizedTensor stores, in the order ``to_tensors`` writes them.
+ROLES = ("codes", "scale", "zero", "global_scale", "mask", "lowrank_a", "lowrank_b", "input_scale")
+#: The roles of folder format 1, which every export stores; the others are listed in a tensor's meta.
+CORE_ROLES = ROLES[:4]
 
 
 def matrix_view(w: Tensor, layout: str) -> Tensor:
@@ -88,15 +93,27 @@ def decode_scale(stored: Tensor, storage: str) -> Tensor:
 
 @dataclass
 class QuantizedTensor:
-    """A quantized weight.
+    """A quantized weight and what travels with it. Roles (``to_tensors`` keys):
 
-    packed:       (ceil(rows*cols*bits/8),) uint8, codes of the matrix view in row-major order.
-    scale:        (grid_rows, grid_cols) float32 scale grid (values exactly representable in
-                  the spec's scale storage).
-    zero:         same shape float32 or None; integer zero points (stored packed at the
-                  format's bit width) or float offsets (stored in the scale dtype).
-    global_scale: () float32 or None.
-    shape:        the original weight shape; ``layout`` says how it maps to the matrix view.
+    ============  ====================================  ==========================================
+    role          in memory                             stored
+    ============  ====================================  ==========================================
+    codes         ``packed`` (ceil(rows*cols*bits/8),)  as is: codes of the matrix view, row-major
+                  uint8
+    scale         (grid_rows, grid_cols) float32,       the spec's scale storage (fp16, bf16,
+                  exactly representable when stored     e8m0 as uint8, e4m3)
+    zero          same grid float32 or None             integer zero points packed at the format's
+                                                        bit width, float offsets in scale dtype
+    global_scale  () float32 or None                    (1,) float32
+    mask          bool, the weight's ``shape``, or      1 bit per weight, packed; True keeps
+                  None (a pruned weight)                the weight, dequantize zeroes the rest
+    lowrank_a     (rows, r) float or None               as is (its own dtype); dequantize adds
+    lowrank_b     (r, cols) float or None               ``A @ B`` to the matrix view
+    input_scale   () float32 or None                    (1,) float32: the static scale of ``input``
+    ============  ====================================  ==========================================
+
+    input: the ``ActSpec`` of the layer's input activations (kept in the metadata), or None.
+    shape: the original weight shape; ``layout`` says how it maps to the matrix view.
     """
 
     spec: QuantSpec
@@ -106,6 +123,27 @@ class QuantizedTensor:
     scale: Tensor
     zero: Tensor | None = None
     global_scale: Tensor | None = None
+    mask: Tensor | None = None
+    lowrank_a: Tensor | None = None
+    lowrank_b: Tensor | None = None
+    input: ActSpec | None = None
+    input_scale: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        rows, cols = self.matrix_shape
+        if self.mask is not None and (self.mask.dtype != torch.bool or tuple(self.mask.shape) != tuple(self.shape)):
+            raise LowbitError(f"a mask must be bool of the weight's shape {tuple(self.shape)}, "
+                              f"not {self.mask.dtype} {tuple(self.mask.shape)}")
+        a, b = self.lowrank_a, self.lowrank_b
+        if (a is None) != (b is None):
+            raise LowbitError("low-rank factors come in pairs: give both lowrank_a (rows, r) and lowrank_b (r, cols)")
+        if a is not None and (a.dim() != 2 or b.dim() != 2 or a.shape[0] != rows or b.shape[1] != cols
+                              or a.shape[1] != b.shape[0]):
+            raise LowbitError(f"low-rank factors {tuple(a.shape)} @ {tuple(b.shape)} do not make the "
+                              f"{rows}x{cols} matrix view; use (rows, r) and (r, cols)")
+        static = self.input is not None and not self.input.dynamic
+        if static != (self.input_scale is not None):
+            raise LowbitError("an input_scale goes with a static input spec (and only with it)")
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -119,19 +157,33 @@ class QuantizedTensor:
     def numel(self) -> int:
         return prod(self.shape)
 
+    @property
+    def rank(self) -> int:
+        """Rank of the low-rank factors (0 without them)."""
+        return 0 if self.lowrank_a is None else self.lowrank_a.shape[1]
+
     def codes(self) -> Tensor:
         """(rows, cols) uint8 codes of the matrix view."""
         rows, cols = self.matrix_shape
         return unpack(self.packed, self.spec.format.bits, rows * cols).reshape(rows, cols)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Reconstruction in the original shape."""
+        """Reconstruction in the original shape: codes times scales, masked, plus ``A @ B``."""
+        out = self.dequantize_codes()
+        if self.mask is not None:
+            out = out.masked_fill_(~matrix_view(self.mask, self.layout).to(out.device), 0)
+        if self.lowrank_a is not None:
+            out += self.lowrank_a.to(torch.float32) @ self.lowrank_b.to(torch.float32)
+        return from_matrix(out, self.shape, self.layout).to(dtype)
+
+    def dequantize_codes(self) -> Tensor:
+        """(rows, cols) float32: codes times scales only (no mask, no low-rank term)."""
         fmt, codes = self.spec.format, self.codes()
         out = torch.empty(self.matrix_shape, dtype=torch.float32, device=codes.device)
         for region in grouping.regions(self.matrix_shape, self.tile):
             qp = self.qparams(region)
             grouping.from_blocks(fmt.dequantize(grouping.to_blocks(codes, region), qp), region, out)
-        return from_matrix(out, self.shape, self.layout).to(dtype)
+        return out
 
     def qparams(self, region: grouping.Region) -> QParams:
         zero = None if self.zero is None else grouping.grid_take(self.zero, region)
@@ -139,52 +191,98 @@ class QuantizedTensor:
 
     # --- accounting ----------------------------------------------------------------------
     def nbits(self) -> int:
-        """Exact storage in bits: codes, scales, zeros and the global scale."""
-        fmt = self.spec.format
-        n = self.numel * fmt.bits + self.scale.numel() * storage_bits(scale_storage(self.spec))
-        if self.zero is not None:
-            zbits = fmt.bits if fmt.zero_kind == "int" else storage_bits(self.spec.scale_dtype)
-            n += self.zero.numel() * zbits
-        if self.global_scale is not None:
-            n += 32
-        return n
+        """Exact storage in bits of every stored role."""
+        return sum(_bits(t) for t in self._stored().values()) - self._pad_bits()
+
+    def _pad_bits(self) -> int:
+        """Bits of byte padding in packed codes, zeros and mask (not information)."""
+        fmt, pad = self.spec.format, -(self.numel * self.spec.format.bits) % 8
+        if self.mask is not None:
+            pad += -self.numel % 8
+        if self.zero is not None and fmt.zero_kind == "int":
+            pad += -(self.zero.numel() * fmt.bits) % 8
+        return pad
 
     def bits_per_weight(self) -> float:
         return self.nbits() / self.numel
 
     # --- serialization -------------------------------------------------------------------
     def to_tensors(self) -> dict[str, Tensor]:
-        """Tensors to store, keyed by role: codes, scale, zero, global_scale."""
-        storage = scale_storage(self.spec)
+        """Tensors to store, keyed by role (see the class table); absent roles are left out."""
+        return self._stored()
+
+    def _stored(self) -> dict[str, Tensor]:
+        storage, fmt = scale_storage(self.spec), self.spec.format
         out = {"codes": self.packed, "scale": encode_scale(self.scale, storage)}
         if self.zero is not None:
-            fmt = self.spec.format
             if fmt.zero_kind == "int":  # integer zero points are packed at the format's bit width
                 out["zero"] = pack(self.zero.reshape(-1).to(torch.int64), fmt.bits)
             else:
                 out["zero"] = self.zero.to(SCALE_DTYPES[self.spec.scale_dtype])
         if self.global_scale is not None:
             out["global_scale"] = self.global_scale.reshape(1).to(torch.float32)
+        if self.mask is not None:
+            out["mask"] = pack_mask(self.mask)
+        if self.lowrank_a is not None:
+            out["lowrank_a"], out["lowrank_b"] = self.lowrank_a, self.lowrank_b
+        if self.input_scale is not None:
+            out["input_scale"] = self.input_scale.reshape(1).to(torch.float32)
         return out
 
     def meta(self) -> dict:
-        return {"spec": self.spec.to_dict(), "shape": list(self.shape), "layout": self.layout}
+        """JSON metadata: spec, shape, layout, and (only when present) input spec and extra roles."""
+        out = {"spec": self.spec.to_dict(), "shape": list(self.shape), "layout": self.layout}
+        extra = sorted(r for r in self._stored() if r not in CORE_ROLES)
+        if extra:
+            out["roles"] = extra
+        if self.lowrank_a is not None:
+            out["lowrank"] = {"rank": self.rank, "dtype": str(self.lowrank_a.dtype).removeprefix("torch.")}
+        if self.input is not None:
+            out["input"] = self.input.to_dict()
+        return out
 
     @classmethod
-    def from_tensors(cls, meta: dict, tensors: dict[str, Tensor], spec: QuantSpec | None = None) -> "QuantizedTensor":
-        """Inverse of ``to_tensors``; pass ``spec`` when it is already parsed from ``meta``."""
+    def from_tensors(cls, meta: dict, tensors: dict[str, Tensor], spec: QuantSpec | None = None,
+                     name: str = "this tensor") -> "QuantizedTensor":
+        """Inverse of ``to_tensors``; pass ``spec`` when it is already parsed from ``meta``.
+
+        ``name`` (the weight's key) goes into the error for an unknown or missing role.
+        """
+        unknown = sorted(set(tensors) - set(ROLES))
+        if unknown:
+            raise LowbitError(f"{name} has a stored role {unknown[0]!r} this lowbit does not know (it knows "
+                              f"{', '.join(ROLES)}); the folder needs a newer lowbit")
+        missing = [r for r in ("codes", "scale", *meta.get("roles", ())) if r not in tensors]
+        if missing:
+            raise LowbitError(f"{name} lacks its stored {missing[0]!r} tensor; the folder is damaged, quantize again")
         spec = spec if spec is not None else QuantSpec.from_dict(meta["spec"])
+        shape = tuple(meta["shape"])
         scale = decode_scale(tensors["scale"], scale_storage(spec))
         zero = tensors.get("zero")
         if zero is not None and spec.format.zero_kind == "int":
             zero = unpack(zero, spec.format.bits, scale.numel()).reshape(scale.shape)
-        gs = tensors.get("global_scale")
+        gs, mask, iscale = tensors.get("global_scale"), tensors.get("mask"), tensors.get("input_scale")
         return cls(
-            spec=spec,
-            shape=tuple(meta["shape"]),
-            layout=meta["layout"],
-            packed=tensors["codes"],
-            scale=scale,
+            spec=spec, shape=shape, layout=meta["layout"], packed=tensors["codes"], scale=scale,
             zero=None if zero is None else zero.to(torch.float32),
             global_scale=None if gs is None else gs.reshape(()).to(torch.float32),
+            mask=None if mask is None else unpack_mask(mask, shape),
+            lowrank_a=tensors.get("lowrank_a"), lowrank_b=tensors.get("lowrank_b"),
+            input=None if meta.get("input") is None else ActSpec.from_dict(meta["input"]),
+            input_scale=None if iscale is None else iscale.reshape(()).to(torch.float32),
         )
+
+
+
+def _bits(t: Tensor) -> int:
+    return t.numel() * t.element_size() * 8
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """bool mask of any shape -> (ceil(numel/8),) uint8, one bit per weight, row-major."""
+    return pack(mask.reshape(-1).to(torch.uint8), 1)
+
+
+def unpack_mask(packed: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of ``pack_mask``: (ceil(numel/8),) uint8 -> bool of ``shape``."""
+    return unpack(packed, 1, prod(shape)).reshape(shape).bool()

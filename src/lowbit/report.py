@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.apply import quantized_tensors
+from lowbit.nn.reference import quantized_tensors
 
 
 def folder_bytes(path: str | os.PathLike) -> int:
@@ -31,7 +31,8 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def bits_per_weight(model: nn.Module) -> float | None:
-    """Average stored bits per weight over the quantized tensors (codes + scales + zeros)."""
+    """Average stored bits per weight over the quantized tensors (every stored role: codes, scales,
+    zeros, masks, low-rank factors, input scales)."""
     bits = numel = 0
     for _, _, qt, _ in quantized_tensors(model):
         bits += qt.nbits()
@@ -64,7 +65,8 @@ def timed_greedy(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: 
 
 
 def manifest_bits_per_weight(folder: str | os.PathLike) -> float | None:
-    """Average stored bits per quantized weight of a saved folder, read from file headers only."""
+    """Average stored bits per quantized weight of a saved folder (every ``<key>.<role>`` tensor),
+    read from file headers only."""
     import json
     from math import prod
 

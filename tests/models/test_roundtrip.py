@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.apply import quantized_tensors
+from lowbit.nn.reference import quantized_tensors
 from lowbit.models.targets import default_plan, targets
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])

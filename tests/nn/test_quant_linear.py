@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.apply import quantized_tensors
+from lowbit.nn.reference import quantized_tensors
 from lowbit.nn import QuantLinear, kernel_counts, pack_model
 from lowbit.nn import kernel_dequant
 
@@ -67,6 +67,25 @@ def test_kernel_matches_dequantize_reference(scheme, shape):
     x = torch.randn(3, 5, shape[1])
     ref = (x.double() @ qt.dequantize(torch.float64).t() + lin.bias.double()).float()
     close(q(x), ref, q.kernel.NAME)
+
+
+@pytest.mark.parametrize("scheme", ["uint4:g32", "uint4_fz:g64", "int8:channel"])
+def test_kernels_on_biased_weights_and_inputs(scheme):
+    """Weights centred far from zero and all-positive inputs: a bias in the rounded offsets
+    (bf16 offsets of the asymmetric int4 path) adds up along K instead of cancelling."""
+    torch.manual_seed(5)
+    lin = nn.Linear(512, 64)
+    with torch.no_grad():
+        lin.weight.copy_(torch.rand(64, 512) * 0.02 + 0.05)  # in [0.05, 0.07]: offsets dominate
+    lowbit.quantize(lin, [lowbit.Rule("^$", lowbit.parse_scheme(scheme))], progress=False)
+    (_, _, qt, _), = quantized_tensors(lin)
+    q = QuantLinear(qt, lin.bias)
+    x = torch.rand(4, 512) + 0.5  # positive: errors of one sign accumulate
+    ref = (x.double() @ qt.dequantize(torch.float64).t() + lin.bias.double()).float()
+    y = q(x)
+    assert q.kernel.NAME == KERNEL_OF.get(scheme, "int4")
+    assert (y - ref).abs().max() <= 1e-2 * ref.abs().max()
+    assert (y - ref).mean().abs() <= 2e-3 * ref.abs().mean()  # no systematic offset
 
 
 @pytest.mark.parametrize("scheme", list(KERNEL_OF))
@@ -144,7 +163,9 @@ def test_copies_pickles_and_dtype_moves_keep_the_codes(scheme, tmp_path):
     y = q(x)
     twin = copy.deepcopy(q)
     assert torch.equal(twin(x), y)
-    torch.save(q, tmp_path / "q.pt")  # pickling works (the file is never loaded here)
+    torch.save(q, tmp_path / "q.pt")  # a pickle of the layer loads back and computes the same
+    loaded = torch.load(tmp_path / "q.pt", weights_only=False)
+    assert torch.equal(loaded(x), y) and torch.equal(loaded.qtensor().packed, qt.packed)
     for dtype in (torch.bfloat16, torch.float16):
         moved = copy.deepcopy(q).to(dtype)
         assert moved.dtype == dtype and moved.bias.dtype == dtype

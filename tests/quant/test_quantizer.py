@@ -109,7 +109,7 @@ def test_model_level_nupes_records_each_exponent(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
     lowbit.quantize(model, "int4:channel", method="nupes", progress=False)
-    from lowbit.apply import quantized_tensors
+    from lowbit.nn.reference import quantized_tensors
 
     exps = [qt.spec.format.a for _, _, qt, _ in quantized_tensors(model)]
     assert len(exps) == 2 and all(0 < a <= 1 for a in exps)

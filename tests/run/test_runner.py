@@ -35,7 +35,7 @@ def test_runner_quantizes_every_planned_tensor_of_every_family(name):
     model = build(name)
     plan = default_plan(model, parse_scheme("uint4:g32"))
     report = calibrate(model, plan, calibrated("gptq"), token_batches(), progress=False)
-    from lowbit.apply import quantized_tensors
+    from lowbit.nn.reference import quantized_tensors
 
     assert len(list(quantized_tensors(model))) == len(plan)
     assert report.layers and all(r["tokens"] > 0 and r["loss"] >= 0 for r in report.layers)
@@ -169,7 +169,7 @@ def test_api_quantize_with_gptq_needs_calibration_data():
 
 def test_hidden_states_spilled_to_disk_give_the_same_model(tmp_path):
     """A budget of zero bytes keeps every hidden state on disk; the result does not change."""
-    from lowbit.apply import quantized_tensors
+    from lowbit.nn.reference import quantized_tensors
 
     plan_spec = parse_scheme("uint4:g32")
     results = []

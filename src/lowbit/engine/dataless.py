@@ -6,7 +6,7 @@ import time
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.apply import attach
+from lowbit.nn.reference import attach
 from lowbit.engine.report import RunReport, StageReport
 from lowbit.errors import LowbitError
 from lowbit.qtensor import matrix_view

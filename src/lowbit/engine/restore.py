@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.apply import attach
+from lowbit.nn.reference import attach
 from lowbit.engine.checkpoint import RunDir, read_block
 from lowbit.engine.report import RunReport
 from lowbit.qtensor import QuantizedTensor

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lowbit.apply import attach
+from lowbit.nn.reference import attach
 from lowbit.errors import LowbitError
 from lowbit.models.targets import Target
 from lowbit.modifiers.base import LayerResult, Modifier

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
+from lowbit.nn.reference import forget
 
 INDEX = "model.safetensors.index.json"
 
@@ -86,10 +87,8 @@ def fill(model: nn.Module, module: nn.Module, prefix: str, source: WeightSource,
 
 def empty(module: nn.Module) -> None:
     """Send a block's tensors back to the meta device and forget its quantized tensors."""
-    from lowbit.apply import _ATTR
-
     for sub in module.modules():
-        sub.__dict__.pop(_ATTR, None)
+        forget(sub)
     module.to("meta")
 
 

@@ -55,9 +55,10 @@ from lowbit.errors import LowbitError
 from lowbit.export._write import atomic_folder
 from lowbit.formats.float import FloatFormat
 from lowbit.formats.int import IntFormat
+from lowbit.export._roles import refuse_extras
 from lowbit.io import INDEX, MANIFEST, WEIGHTS, read_manifest
 from lowbit.packing import pack
-from lowbit.qtensor import QuantizedTensor
+from lowbit.qtensor import CORE_ROLES, QuantizedTensor
 from lowbit.schemes import describe
 from lowbit.spec import PerTensor, QuantSpec, tile_of
 
@@ -66,7 +67,6 @@ SUPPORTED = ("int4/int8 and uint4/uint8 (integer zero) per tensor, channel, grou
 
 log = logging.getLogger(__name__)
 _FP8 = FloatFormat(4, 3, special="fn")
-_ROLES = ("codes", "scale", "zero", "global_scale")
 _SKIP_FILES = {MANIFEST, "config.json", INDEX}
 
 
@@ -94,6 +94,7 @@ def export(path: Path, out: Path, overwrite: bool = False) -> Path:
     if manifest["model"]["kind"] != "hf" or not (path / "config.json").is_file():
         raise LowbitError(f"{path} holds no Hugging Face model (config.json); compressed-tensors exports need one, "
                           "e.g. a model quantized with `lowbit quantize`")
+    refuse_extras(manifest, "compressed-tensors")
     if not manifest["quantized"]:
         raise LowbitError(f"{path} holds no quantized weights; there is nothing for compressed-tensors to store")
     modules, tied = _skeleton(path, manifest)
@@ -272,7 +273,7 @@ def _convert(tensors: dict[str, Tensor], manifest: dict[str, Any], layers: dict[
     for key, layer in layers.items():
         if f"{key}.codes" not in tensors:
             continue  # stored in another shard
-        parts = {r: tensors.pop(f"{key}.{r}") for r in _ROLES if f"{key}.{r}" in tensors}
+        parts = {r: tensors.pop(f"{key}.{r}") for r in CORE_ROLES if f"{key}.{r}" in tensors}
         qt = QuantizedTensor.from_tensors(manifest["quantized"][key], parts)
         out.update({f"{layer.module}.{name}": t for name, t in compress(qt, layer).items()})
     names: dict[str, list[str]] = {}  # a tied tensor is written under the names HF keeps

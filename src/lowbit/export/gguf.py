@@ -49,7 +49,7 @@ from torch import Tensor
 from lowbit.errors import LowbitError
 from lowbit.export._write import atomic_file
 from lowbit.formats.base import QParams
-from lowbit.qtensor import QuantizedTensor, scale_storage
+from lowbit.qtensor import CORE_ROLES, QuantizedTensor, scale_storage
 from lowbit.spec import PerGroup
 
 log = logging.getLogger(__name__)
@@ -176,8 +176,7 @@ def _sources(path: Path, manifest: dict) -> dict[str, QuantizedTensor | Tensor]:
         if "same_as" in meta:
             out[key] = out[meta["same_as"]]
             continue
-        roles = {r: weights.pop(f"{key}.{r}") for r in ("codes", "scale", "zero", "global_scale")
-                 if f"{key}.{r}" in weights}
+        roles = {r: weights.pop(f"{key}.{r}") for r in CORE_ROLES if f"{key}.{r}" in weights}
         out[key] = QuantizedTensor.from_tensors(meta, roles)
     out.update(weights)
     for alias, source in manifest["aliases"].items():
@@ -282,12 +281,14 @@ def _file_type(items: list[Entry]) -> int:
 def export(path: Path, out: Path, overwrite: bool = False) -> Path:
     """Write the lowbit folder ``path`` as one GGUF file at ``out`` (atomic); returns ``out``."""
     from lowbit.export._gguf_vocab import add_vocab, read_vocab
+    from lowbit.export._roles import refuse_extras
     from lowbit.hf.load import transformers
     from lowbit.io import read_manifest
 
     gguf = _gguf()
     path, out = Path(path), Path(out)
     manifest = read_manifest(path)
+    refuse_extras(manifest, "gguf")
     arch = architecture(path, manifest)
     config = transformers().AutoConfig.from_pretrained(str(path))
     vocab = read_vocab(path, config)

@@ -41,7 +41,9 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.export._roles import refuse_extras, refuse_model_extras
 from lowbit.export._write import atomic_file
+from lowbit.nn.reference import attach, quantized_tensors
 
 SUPPORTED = ("int2-int8 symmetric (stored as ONNX int4/int8), uint2-uint8 with an integer zero point "
              "(uint4/uint8), fp8_e4m3fn and fp8_e5m2; per tensor, per channel, groups gN and tiles bRxC; "
@@ -76,7 +78,9 @@ def export(path: Path, out: Path, overwrite: bool = False) -> Path:
     from lowbit.io import read_manifest
 
     path = Path(path)
-    if read_manifest(path)["model"]["kind"] != "hf":
+    manifest = read_manifest(path)
+    refuse_extras(manifest, "onnx")
+    if manifest["model"]["kind"] != "hf":
         raise LowbitError(f"{path} holds a plain PyTorch module, which cannot be rebuilt without its code; in "
                           "Python, rebuild it, call lowbit.load(path, model=skeleton), then "
                           "lowbit.export.onnx.export_module(model, example_inputs, out)")
@@ -106,6 +110,7 @@ def export_module(model: nn.Module, example_inputs: tuple, out: Path, overwrite:
     onnx = _onnx()
     if opset < MIN_OPSET:
         raise LowbitError(f"opset {opset} is too old for int4 and blocked DequantizeLinear; use {MIN_OPSET} or newer")
+    refuse_model_extras(model.model if isinstance(model, _InputIds) else model, "onnx")
     entries = _entries(model)
     example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     with atomic_file(out, overwrite) as tmp:
@@ -123,7 +128,6 @@ def export_module(model: nn.Module, example_inputs: tuple, out: Path, overwrite:
 # --- what gets replaced ---------------------------------------------------------------------
 def _entries(model: nn.Module) -> list[_Entry]:
     """One entry per distinct QuantizedTensor (tied weights share one); refuses what ONNX cannot hold."""
-    from lowbit.apply import quantized_tensors
     from lowbit.schemes import describe
 
     model = model.model if isinstance(model, _InputIds) else model  # keys as lowbit saved them
@@ -331,8 +335,6 @@ def _onnx():
 
 def _as_float32(model: nn.Module) -> nn.Module:
     """Cast ``model`` to float32, its quantized weights dequantized afresh in float32 (exact)."""
-    from lowbit.apply import attach, quantized_tensors
-
     rows = [r for r in quantized_tensors(model) if r[3] != torch.float32]  # float32 ones are exact already
     model.float()
     shared: dict[int, torch.Tensor] = {}

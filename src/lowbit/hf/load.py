@@ -179,7 +179,8 @@ def load_lowbit(path: str | os.PathLike, packed: bool = True) -> Loaded:
     if (isinstance(qc, dict) and qc.get("quant_method") == "lowbit" and not tied
             and not cls.__name__.startswith("Auto")):
         # transformers' own loader with lowbit's registered quantizer: the skeleton lives on the
-        # meta device, so no float32 copy of the quantized weights is ever allocated
+        # meta device, so packed layers never hold a float copy of their weights (weights that
+        # are not a Linear's are dequantized once, see lowbit.nn.convert.place)
         from lowbit.hf.quantizer import install_hook, loading
 
         install_hook()

@@ -1,7 +1,7 @@
 """Hugging Face integration: ``from_pretrained`` on a lowbit folder returns the quantized model.
 
 A folder saved by ``lowbit.save`` carries ``quantization_config`` in ``config.json``
-(``quant_method: "lowbit"``, the spec of every quantized tensor, see ``quantization_config``).
+(``quant_method: "lowbit"``, the spec of every quantized tensor, see ``lowbit.manifest``).
 transformers dispatches that method through its public registry
 (``transformers.quantizers.auto.register_quantization_config`` / ``register_quantizer``),
 which ``lowbit`` fills the moment transformers' quantizer registry is imported (``install_hook``),
@@ -10,11 +10,15 @@ so ``import lowbit`` alone stays free of transformers.
 Loading runs in transformers' own loader, on the meta device:
 
 1. before the weights load, each quantized weight is replaced by a ``StoredWeight`` child
-   module named ``weight`` whose buffers (``codes``, ``scale``, ``zero``, ``global_scale``)
-   have exactly the saved tensors' names, shapes and dtypes, so the loader fills them from
-   ``<key>.weight.codes`` and so on as it fills any buffer;
+   module named ``weight`` whose buffers (one per stored role: ``codes``, ``scale``, ``zero``,
+   ``global_scale``, ``mask``, ``lowrank_a``, ...) have exactly the saved tensors' names, shapes
+   and dtypes, so the loader fills them from ``<key>.weight.codes`` and so on as it fills any
+   buffer; a float weight pruned in place gets a ``weight_mask`` buffer for its packed mask;
 2. after loading, each one becomes a packed ``lowbit.nn.QuantLinear`` (or, for a weight that is
-   not a Linear's, the reference dequantized weight, ``lowbit.apply.attach``).
+   not a Linear's, the reference dequantized weight, ``lowbit.nn.reference.attach``), with its
+   input quantization; masks move to ``lowbit.nn.reference.attach_mask``.
+
+Folders of an older format are migrated (``lowbit.manifest.migrate``); a newer one is refused.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-QUANT_METHOD = "lowbit"
+from lowbit.manifest import QUANT_METHOD, migrate
 _HOOKED = "transformers.quantizers.auto"
 _PACKED: ContextVar[bool] = ContextVar("lowbit_packed", default=True)
 
@@ -43,22 +47,6 @@ def loading(packed: bool = True) -> Iterator[None]:
         _PACKED.reset(token)
 
 
-def quantization_config(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The ``quantization_config`` entry of a saved config.json, from a lowbit manifest."""
-    from lowbit.schemes import describe
-    from lowbit.spec import QuantSpec
-
-    specs: dict[str, int] = {}
-    for meta in manifest["quantized"].values():
-        if "spec" in meta:
-            name = describe(QuantSpec.from_dict(meta["spec"]))
-            specs[name] = specs.get(name, 0) + 1
-    return {"quant_method": QUANT_METHOD, "format_version": manifest["format_version"],
-            "lowbit_version": manifest["lowbit_version"],
-            "scheme": ", ".join(f"{k} ({n} tensors)" for k, n in sorted(specs.items())),
-            "quantized": manifest["quantized"]}
-
-
 class StoredWeight(nn.Module):
     """Placeholder for one quantized weight while transformers loads the checkpoint.
 
@@ -72,11 +60,11 @@ class StoredWeight(nn.Module):
         for role, (shape, dtype) in _stored_shapes(meta).items():
             self.register_buffer(role, torch.empty(shape, dtype=dtype, device="meta"))
 
-    def qtensor(self):
+    def qtensor(self, name: str = "this tensor"):
         from lowbit.qtensor import QuantizedTensor
 
         tensors = {r: b for r, b in self.named_buffers(recurse=False)}
-        return QuantizedTensor.from_tensors(self.meta, tensors)
+        return QuantizedTensor.from_tensors(self.meta, tensors, name=name)
 
 
 def _stored_shapes(meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -102,6 +90,14 @@ def _stored_shapes(meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], tor
         out["zero"] = (grid, SCALE_DTYPES[spec.scale_dtype])
     if type(fmt).global_scale is not Format.global_scale:  # a two-level format (NVFP4)
         out["global_scale"] = ((1,), torch.float32)
+    roles = meta.get("roles", ())
+    if "mask" in roles:
+        out["mask"] = ((packed_nbytes(prod(shape), 1),), torch.uint8)
+    if "lowrank_a" in roles:
+        r, dtype = meta["lowrank"]["rank"], getattr(torch, meta["lowrank"]["dtype"])
+        out["lowrank_a"], out["lowrank_b"] = ((rows, r), dtype), ((r, cols), dtype)
+    if "input_scale" in roles:
+        out["input_scale"] = ((1,), torch.float32)
     return out
 
 
@@ -117,16 +113,22 @@ def _register(auto: Any) -> None:
         """transformers-side view of a lowbit folder's ``quantization_config``."""
 
         def __init__(self, quantized: dict | None = None, format_version: int = 1, lowbit_version: str = "",
-                     scheme: str = "", **kwargs: Any) -> None:
+                     scheme: str = "", masks: dict | None = None, **kwargs: Any) -> None:
             self.quant_method = QUANT_METHOD
             self.quantized = quantized or {}
+            self.masks = masks or {}
             self.format_version = format_version
             self.lowbit_version = lowbit_version
             self.scheme = scheme
 
         def to_dict(self) -> dict[str, Any]:
             return {"quant_method": QUANT_METHOD, "format_version": self.format_version,
-                    "lowbit_version": self.lowbit_version, "scheme": self.scheme, "quantized": self.quantized}
+                    "lowbit_version": self.lowbit_version, "scheme": self.scheme, "quantized": self.quantized,
+                    "masks": self.masks}
+
+        def current(self) -> dict[str, Any]:
+            """This config at the current folder format (``lowbit.manifest.migrate``)."""
+            return migrate(self.to_dict(), "this folder's config.json")
 
     @auto.register_quantizer(QUANT_METHOD)
     class LowbitHfQuantizer(HfQuantizer):
@@ -136,11 +138,8 @@ def _register(auto: Any) -> None:
 
         def validate_environment(self, *args: Any, **kwargs: Any) -> None:
             from lowbit.errors import LowbitError
-            from lowbit.io import FORMAT_VERSION
 
-            version = self.quantization_config.format_version
-            if version != FORMAT_VERSION:
-                raise LowbitError(f"this folder has lowbit format version {version}; this lowbit reads {FORMAT_VERSION}")
+            self.quantization_config.current()  # refuses a newer folder format, naming the version needed
             device_map = kwargs.get("device_map")
             if isinstance(device_map, dict) and "disk" in device_map.values():
                 raise LowbitError("lowbit models cannot be offloaded to disk; load them on one device")
@@ -151,7 +150,8 @@ def _register(auto: Any) -> None:
         def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
             from lowbit.errors import LowbitError
 
-            quantized = self.quantization_config.quantized
+            qc = self.quantization_config.current()
+            quantized = qc["quantized"]
             tied = sorted(k for k, m in quantized.items() if "same_as" in m)
             if tied:
                 raise LowbitError(f"this folder quantizes a tied weight ({tied[0]} = {quantized[tied[0]]['same_as']}), "
@@ -164,9 +164,13 @@ def _register(auto: Any) -> None:
                     raise LowbitError(f"the checkpoint quantizes {key}, which {type(model).__name__} does not have")
                 module._parameters.pop(param, None)
                 module.add_module(param, StoredWeight(meta))
+            for key, meta in qc["masks"].items():
+                module_name, _, param = meta["tensor"].rpartition(".")
+                n = packed_mask_bytes(meta["shape"])
+                modules[module_name].register_buffer(param, torch.empty(n, dtype=torch.uint8, device="meta"))
 
         def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-            _finish_loading(model, self.quantization_config.quantized, packed=_PACKED.get())
+            _finish_loading(model, self.quantization_config.current(), packed=_PACKED.get())
             return model
 
         def is_serializable(self) -> bool:
@@ -177,18 +181,34 @@ def _register(auto: Any) -> None:
             return False
 
 
-def _finish_loading(model: nn.Module, quantized: dict[str, Any], packed: bool = True) -> None:
-    """Turn every ``StoredWeight`` into a packed QuantLinear or an attached reference weight.
+def packed_mask_bytes(shape: list[int]) -> int:
+    from math import prod
+
+    from lowbit.packing import packed_nbytes
+
+    return packed_nbytes(prod(shape), 1)
+
+
+def _finish_loading(model: nn.Module, qc: dict[str, Any], packed: bool = True) -> None:
+    """Turn every ``StoredWeight`` into a packed QuantLinear or an attached reference weight, and
+    every float mask buffer into a recorded mask.
 
     Tied quantized weights never get here (``_process_model_before_weight_loading`` refuses them).
     """
     from lowbit.nn.convert import place
+    from lowbit.nn.reference import attach_mask
+    from lowbit.qtensor import unpack_mask
 
-    for key, meta in quantized.items():
+    for key, meta in qc["quantized"].items():
         module_name, _, param = key.rpartition(".")
         module = model.get_submodule(module_name)
-        qt = module._modules.pop(param).qtensor()  # the placeholder goes as soon as it is read
+        qt = module._modules.pop(param).qtensor(key)  # the placeholder goes as soon as it is read
         place(model, module_name, param, qt, getattr(torch, meta["dtype"]), packed)
+    for key, meta in qc["masks"].items():
+        module_name, _, bname = meta["tensor"].rpartition(".")
+        stored = model.get_submodule(module_name)._buffers.pop(bname)
+        attach_mask(model.get_submodule(key.rpartition(".")[0]), key.rpartition(".")[2],
+                    unpack_mask(stored, tuple(meta["shape"])))
 
 
 class _RegisterWhenImported(MetaPathFinder, Loader):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lowbit.models.blocks import find_blocks
+from lowbit.nn.reference import qtensors
 from lowbit.scheme import Rule, TensorScheme, resolve
 from lowbit.spec import QuantSpec
 
@@ -37,7 +38,7 @@ def targets(model: nn.Module) -> list[Target]:
     """Every tensor lowbit knows how to quantize (or already has), in module order."""
     out = []
     for name, module in model.named_modules():
-        done = module.__dict__.get("_lowbit_qtensors", {})
+        done = qtensors(module)
         kind = _kind(module)
         if kind in ("linear", "conv", "embedding"):
             layout = "transposed" if type(module).__name__ == "Conv1D" else "rows"

@@ -2,7 +2,7 @@
 
 ``lowbit.load`` does this by default; ``pack_model`` does it for a model quantized in memory.
 A weight shared by several modules (tied embeddings and lm_head) stays on the reference path
-(``lowbit.apply.attach``), so ties keep holding.
+(``lowbit.nn.reference.attach``), so ties keep holding.
 """
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import torch
 from torch import nn
 
 from lowbit.nn.quant_linear import QuantLinear
+from lowbit.nn.reference import attach, qtensors
 from lowbit.qtensor import QuantizedTensor
-
-_ATTR = "_lowbit_qtensors"
 
 
 def packable(module: nn.Module, qt: QuantizedTensor) -> bool:
@@ -34,7 +33,7 @@ def pack_model(model: nn.Module, kernels: tuple[str, ...] = ("int8", "int4", "de
     uses: dict[int, int] = {}
     found = []
     for name, module in model.named_modules():
-        qt = module.__dict__.get(_ATTR, {}).get("weight")
+        qt = qtensors(module).get("weight")
         if qt is not None:
             uses[id(qt)] = uses.get(id(qt), 0) + 1
             found.append((name, module, qt))
@@ -51,11 +50,9 @@ def place(model: nn.Module, name: str, param: str, qt: QuantizedTensor, dtype: t
     """Put ``qt``, the quantized ``param`` of module ``name``, into ``model`` (loading).
 
     With ``packed``, a packable Linear/Conv1D weight becomes a ``QuantLinear`` in place of its
-    module (returns None); anything else takes the reference path, ``lowbit.apply.attach``
+    module (returns None); anything else takes the reference path, ``lowbit.nn.reference.attach``
     (returns the dequantized weight). Weights shared with another module must not come here.
     """
-    from lowbit.apply import attach
-
     module = model.get_submodule(name)
     if packed and param == "weight" and name and packable(module, qt):
         replace_module(model, name, QuantLinear(qt, module.bias, dtype))

@@ -15,7 +15,7 @@ from math import lcm
 import torch
 from torch import Tensor
 
-from lowbit.qtensor import QuantizedTensor
+from lowbit.qtensor import QuantizedTensor, matrix_view
 from lowbit.spec import PerTensor
 
 NAME = "dequant"
@@ -33,7 +33,11 @@ def chunk_rows(qt: QuantizedTensor) -> int:
 
 
 def row_chunk(qt: QuantizedTensor, r0: int, r1: int) -> QuantizedTensor:
-    """Rows [r0, r1) of ``qt``'s matrix view as a QuantizedTensor of their own (no copy)."""
+    """Rows [r0, r1) of ``qt``'s matrix view as a QuantizedTensor of their own (no copy of the codes).
+
+    The chunk keeps its rows of the mask; low-rank factors and the input spec stay with the
+    caller (``QuantLinear`` adds the low-rank term and quantizes the input itself).
+    """
     rows, cols = qt.matrix_shape
     bits = qt.spec.format.bits
     b0, b1 = r0 * cols * bits // 8, -(-r1 * cols * bits // 8)
@@ -44,11 +48,12 @@ def row_chunk(qt: QuantizedTensor, r0: int, r1: int) -> QuantizedTensor:
         g0, g1 = r0 // tr, -(-r1 // tr)
         scale = qt.scale[g0:g1]
         zero = None if qt.zero is None else qt.zero[g0:g1]
-    return QuantizedTensor(qt.spec, (r1 - r0, cols), "rows", qt.packed[b0:b1], scale, zero, qt.global_scale)
+    mask = None if qt.mask is None else matrix_view(qt.mask, qt.layout)[r0:r1]
+    return QuantizedTensor(qt.spec, (r1 - r0, cols), "rows", qt.packed[b0:b1], scale, zero, qt.global_scale, mask)
 
 
 def matmul(x: Tensor, qt: QuantizedTensor) -> Tensor:
-    """x (M, K) float -> (M, N) float32."""
+    """x (M, K) float -> (M, N) float32: ``x @ (masked codes·scales)ᵀ`` (no low-rank term)."""
     rows, _ = qt.matrix_shape
     step = chunk_rows(qt)
     x32 = x.to(torch.float32)

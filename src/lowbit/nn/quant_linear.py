@@ -14,6 +14,15 @@ and CPU tensors: their packed layouts are CPU layouts, so a packed int8/int4 lay
 devices with a clear error (load with ``packed=False`` to run elsewhere). The dequant path runs
 on any device.
 
+Extra roles of the weight (``lowbit.qtensor``):
+
+* ``input``/``input_scale``: the input is fake-quantized first (``lowbit.nn.activation``), as on
+  the reference path;
+* ``lowrank_a``/``lowrank_b``: a float32 side path adds ``(x @ Bᵀ) @ Aᵀ``;
+* ``mask``: free on the int kernels when every masked code is the format's exact zero (symmetric
+  integer formats round a pruned zero to it); otherwise the layer takes the dequant path, which
+  applies the mask.
+
 ``QuantLinear`` serves ``nn.Linear`` (weight ``(out, in)``) and GPT-2's ``Conv1D`` (weight
 ``(in, out)``): both compute ``x @ M.T + b`` with the matrix view ``M`` (out, in).
 ``qtensor()`` rebuilds the ``QuantizedTensor`` (bit-exact) for saving and export.
@@ -23,10 +32,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+import lowbit.nn.kernel_dequant as kernel_dequant
+import lowbit.nn.kernel_int4 as kernel_int4
+import lowbit.nn.kernel_int8 as kernel_int8
 from lowbit.errors import LowbitError
-from lowbit.nn import kernel_dequant, kernel_int4, kernel_int8
+from lowbit.formats.int import IntFormat
+from lowbit.nn.activation import quantize_input
 from lowbit.packing import pack
-from lowbit.qtensor import QuantizedTensor
+from lowbit.qtensor import QuantizedTensor, matrix_view
 
 KERNELS = (kernel_int8, kernel_int4, kernel_dequant)
 _BY_NAME = {k.NAME: k for k in KERNELS}
@@ -34,10 +47,21 @@ _BY_NAME = {k.NAME: k for k in KERNELS}
 
 def choose_kernel(qt: QuantizedTensor, allow: tuple[str, ...] = ("int8", "int4", "dequant")):
     """The first kernel module of ``KERNELS`` named in ``allow`` that runs ``qt``."""
+    if qt.mask is not None and not mask_is_free(qt):
+        return kernel_dequant
     for k in KERNELS:
         if k.NAME in allow and k.supports(qt) is None and _available(k.NAME):
             return k
     return kernel_dequant
+
+
+def mask_is_free(qt: QuantizedTensor) -> bool:
+    """True when every weight the mask drops is already stored as the format's exact zero code."""
+    fmt = qt.spec.format
+    if not (isinstance(fmt, IntFormat) and fmt.symmetric):
+        return False
+    dropped = ~matrix_view(qt.mask, qt.layout)  # (rows, cols) bool
+    return bool((qt.codes()[dropped] == 2 ** (fmt.bits - 1)).all())
 
 
 def _available(name: str) -> bool:
@@ -60,7 +84,7 @@ class QuantLinear(nn.Module):
             raise LowbitError(f"QuantLinear needs a 2-D weight in layout rows or transposed, not {qt.shape} {qt.layout}")
         self.out_features, self.in_features = qt.matrix_shape
         self.shape, self.layout, self.dtype = qt.shape, qt.layout, dtype
-        self._meta, self.spec = qt.meta(), qt.spec
+        self._meta, self.spec, self.input = qt.meta(), qt.spec, qt.input
         self.kernel_name = choose_kernel(qt, kernels).NAME  # a name, so the layer deep-copies and pickles
         tensors = {"codes": qt.packed} if self.kernel is kernel_dequant else self.kernel.pack(qt)
         for name, t in tensors.items():
@@ -95,6 +119,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if self.input is not None:
+            scale = self._buffers.get("s_input_scale")
+            x2 = quantize_input(x2, self.input, None if scale is None else scale.reshape(()))
         if self.kernel is not kernel_dequant and x.device.type != "cpu":
             raise LowbitError(f"this layer's packed {self.kernel.NAME} weights use PyTorch's CPU kernels and cannot "
                               f"run on {x.device}; load the model with lowbit.load(path, packed=False) for that device")
@@ -104,6 +131,9 @@ class QuantLinear(nn.Module):
             y = kernel_int8.matmul(x2, self._tensors())
         else:
             y = kernel_dequant.matmul(x2, self.qtensor())
+        if "s_lowrank_a" in self._buffers:  # (M, K) @ (K, r) @ (r, N) in float32
+            a, b = self.s_lowrank_a.to(torch.float32), self.s_lowrank_b.to(torch.float32)
+            y = y.to(torch.float32) + (x2.to(torch.float32) @ b.t()) @ a.t()
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*lead, self.out_features)

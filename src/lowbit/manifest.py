@@ -1,0 +1,105 @@
+"""The manifest of a saved lowbit folder: its versions, migration, and its copy in config.json.
+
+Layout of ``lowbit.json`` at format version 2 (version 1 lacked ``masks``, ``roles``,
+``lowrank`` and ``input``; ``migrate`` fills the difference):
+
+.. code-block:: text
+
+    {"format_version": 2, "lowbit_version": "0.1.0",
+     "model": {"kind": "hf" | "module", "class": "LlamaForCausalLM", "dtype": "float32"},
+     "quantized": {"<module>.<param>": {"spec": {...QuantSpec...}, "shape": [out, in],
+                                         "layout": "rows", "dtype": "float32",
+                                         "roles": ["lowrank_a", "lowrank_b", "mask"],  # extra roles, if any
+                                         "lowrank": {"rank": 8, "dtype": "float16"},    # with lowrank_a/b
+                                         "input": {...ActSpec...}},                    # input quantization
+                   "<tied twin>": {"same_as": "<module>.<param>"}},
+     "masks": {"<module>.<param>": {"shape": [out, in]}},   # float weights pruned in place
+     "aliases": {"<state-dict key>": "<key holding the same tensor>"}}
+
+config.json's ``quantization_config`` (what transformers' ``from_pretrained`` reads) holds the same
+``format_version``, ``quantized`` and ``masks``; ``check_agree`` refuses a folder whose two copies
+differ. Nothing here imports io or hf: both import this module.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lowbit
+from lowbit.errors import LowbitError
+from lowbit.spec import SPEC_VERSION
+
+FORMAT_VERSION = 2
+OLDEST_FORMAT = 1
+QUANT_METHOD = "lowbit"
+
+
+def migrate(manifest: dict[str, Any], where: str = "this folder") -> dict[str, Any]:
+    """A manifest (or a ``quantization_config``) of any readable format version, at the current one.
+
+    Refuses, naming the version needed, a folder written by a newer lowbit: a newer folder
+    format or a newer spec version. The input is not modified.
+    """
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version < OLDEST_FORMAT:
+        raise LowbitError(f"{where} has lowbit folder format {version!r}, which no lowbit reads; quantize the model again")
+    if version > FORMAT_VERSION:
+        raise LowbitError(_newer(where, manifest, f"folder format {version}",
+                                 f"folder formats {OLDEST_FORMAT} to {FORMAT_VERSION}"))
+    out = copy.deepcopy(manifest)
+    for key, meta in out.get("quantized", {}).items():
+        spec_version = meta.get("spec", {}).get("version", SPEC_VERSION)
+        if isinstance(spec_version, int) and spec_version > SPEC_VERSION:
+            raise LowbitError(_newer(where, manifest, f"spec version {spec_version} (for {key})",
+                                     f"spec version {SPEC_VERSION}"))
+    if version == 1:
+        out = _v1_to_v2(out)
+    return out
+
+
+def _v1_to_v2(m: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 stored only codes, scale, zero and global_scale, and no float masks.
+
+    Its specs are read as they were written: a format dict without a field added later keeps
+    the meaning it had (``lowbit.formats`` owns that default).
+    """
+    m["format_version"] = 2
+    m.setdefault("masks", {})
+    return m
+
+
+def _newer(where: str, manifest: dict[str, Any], what: str, reads: str) -> str:
+    by = manifest.get("lowbit_version", "a newer lowbit")
+    return (f"{where} uses {what}, written by lowbit {by}; this lowbit {lowbit.__version__} reads {reads}: "
+            f"upgrade lowbit to {by} or newer (pip install -U lowbit)")
+
+
+def quantization_config(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The ``quantization_config`` entry of a saved config.json, from a lowbit manifest."""
+    from lowbit.schemes import describe
+    from lowbit.spec import QuantSpec
+
+    specs: dict[str, int] = {}
+    for meta in manifest["quantized"].values():
+        if "spec" in meta:
+            name = describe(QuantSpec.from_dict(meta["spec"]))
+            specs[name] = specs.get(name, 0) + 1
+    return {"quant_method": QUANT_METHOD, "format_version": manifest["format_version"],
+            "lowbit_version": manifest["lowbit_version"],
+            "scheme": ", ".join(f"{k} ({n} tensors)" for k, n in sorted(specs.items())),
+            "quantized": manifest["quantized"], "masks": manifest.get("masks", {})}
+
+
+def check_agree(manifest: dict[str, Any], qc: dict[str, Any], where: str = "this folder") -> None:
+    """Refuse a folder whose lowbit.json and config.json's ``quantization_config`` differ.
+
+    Both are migrated first, so a version-1 folder compares like a current one.
+    """
+    theirs = migrate(qc, f"{where}/config.json")
+    for part in ("quantized", "masks"):
+        mine, other = manifest.get(part, {}), theirs.get(part, {})
+        if mine == other:
+            continue
+        differ = sorted(set(mine) ^ set(other)) or sorted(k for k in mine if mine[k] != other[k])
+        raise LowbitError(f"{where}: lowbit.json and config.json's quantization_config disagree on {part} "
+                          f"entry {differ[0]}; the folder was edited by hand: restore it or quantize again")
