@@ -103,7 +103,7 @@ class _RoundThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         inside, dxds = ctx.saved_tensors
-        gx = grad * inside if ctx.needs_input_grad[0] else None
+        gx = torch.where(inside, grad, torch.zeros_like(grad)) if ctx.needs_input_grad[0] else None
         gs = (grad * dxds).sum(dim=1, keepdim=True) if ctx.needs_input_grad[1] else None
         return gx, gs, None, None, None
 
@@ -122,14 +122,14 @@ def fake_quantize_blocks(blocks: Tensor, spec: QuantSpec, qp: QParams, s: Tensor
     ends = torch.tensor([[lo_code, hi_code]], dtype=torch.uint8, device=x.device).expand(x.shape[0], 2)
     ends = fmt.dequantize(ends, qp)  # (n_blocks, 2) reconstructions of the grid's ends
     lo, hi = ends.amin(dim=1, keepdim=True), ends.amax(dim=1, keepdim=True)
-    inside = ((x >= lo) & (x <= hi)).to(torch.float32)
+    inside = (x >= lo) & (x <= hi)  # (n_blocks, block_size) bool
     dxds = None
     if s is not None:
         safe = torch.where(qp.scale > 0, qp.scale, torch.ones_like(qp.scale))
         at_fixed_codes = (fmt.dequantize(codes, QParams(torch.ones_like(qp.scale), qp.zero, qp.global_scale))
                           - fmt.dequantize(codes, QParams(torch.zeros_like(qp.scale), qp.zero, qp.global_scale)))
         g = 1.0 / math.sqrt(x.shape[1] * q_p)
-        dxds = torch.where(inside > 0, (xq - x) / safe, at_fixed_codes) * g
+        dxds = torch.where(inside, (xq - x) / safe, at_fixed_codes) * g
     return _RoundThrough.apply(blocks, s, xq, inside, dxds)
 
 
