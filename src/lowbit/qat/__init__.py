@@ -6,3 +6,4 @@ into ordinary modules holding the ``QuantizedTensor`` post-training quantization
 """
 from lowbit.qat.fakequant import LEARNABLE_FAMILIES, check_learnable, fake_quantize, fake_quantize_blocks  # noqa: F401
 from lowbit.qat.layer import FakeQuantLinear, fake_quant_layers, float_weights, freeze_model, prepare  # noqa: F401
+from lowbit.qat.train import evaluate, finetune, window_loss  # noqa: F401

@@ -21,7 +21,7 @@ from lowbit.plan import Target, resolve_targets
 from lowbit.qat.fakequant import check_learnable, fake_quantize, initial_qparams, quantize_with
 from lowbit.qtensor import QuantizedTensor, from_matrix, matrix_view
 from lowbit.quantizer import check_weight, pack_matrix, quantize_weight
-from lowbit.scheme import Rule
+from lowbit.scheme import Rule, resolve
 from lowbit.spec import QuantSpec
 
 Plan = Union[Sequence[Rule], Sequence[tuple[Target, QuantSpec]]]
@@ -96,6 +96,9 @@ def prepare(model: nn.Module, plan: Plan, learn_scale: bool = False) -> list[Fak
     """
     pairs = list(plan)
     if pairs and isinstance(pairs[0], Rule):
+        done = [name for name, _ in fake_quant_layers(model) if resolve(pairs, name) is not None]
+        if done:
+            raise LowbitError(f"{done[0]} is already fake-quantized; prepare the float model instead")
         pairs = resolve_targets(model, pairs)
     if not pairs:
         raise LowbitError("the plan targets no tensor of this model; check its patterns against the module names")
