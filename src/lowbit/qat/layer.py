@@ -82,7 +82,9 @@ class FakeQuantLinear(nn.Module):
             return quantize_weight(w, self.spec, self.layout, self.name)
         m = matrix_view(w.to(torch.float32), self.layout)
         codes, stored = quantize_with(m, self.spec, self.scale, self.zero, self.global_scale)
-        return pack_matrix(self.spec, tuple(w.shape), self.layout, codes, stored, self.zero, self.global_scale)
+        zero = None if self.zero is None else self.zero.clone()
+        gscale = None if self.global_scale is None else self.global_scale.clone()
+        return pack_matrix(self.spec, tuple(w.shape), self.layout, codes, stored, zero, gscale)
 
     def extra_repr(self) -> str:
         return f"spec={self.spec.format.name}:{self.spec.granularity}, learn_scale={self.learn_scale}"
