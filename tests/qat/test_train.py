@@ -77,7 +77,7 @@ def test_train_weights_too(single_thread):
     model = tiny_llama()
     layers = prepare(model, default_plan(model, parse_scheme("int4:g32")), learn_scale=False)
     before = layers[0].weight.detach().clone()
-    finetune(model, windows(4, 1), steps=2, train_weights=True, weight_lr=1e-3, progress=False)
+    finetune(model, windows(4, 1), steps=2, objective="ce", train_weights=True, weight_lr=1e-3, progress=False)
     assert not torch.equal(layers[0].weight, before)
 
 
@@ -90,8 +90,10 @@ def test_bad_calls_are_refused():
         finetune(model, windows(4, 1), steps=1)
     with pytest.raises(LowbitError, match="objective 'mse' unknown"):
         finetune(model, windows(4, 1), steps=1, train_weights=True, objective="mse")
+    with pytest.raises(LowbitError, match="use objective='ce' with train_weights=True"):
+        finetune(model, windows(4, 1), steps=1, train_weights=True)
     with pytest.raises(LowbitError, match=r"windows must be a \(n, seq\) int64"):
-        finetune(model, windows(4, 1).float(), steps=1, train_weights=True)
+        finetune(model, windows(4, 1).float(), steps=1, train_weights=True, objective="ce")
     with pytest.raises(LowbitError, match="already fake-quantized"):
         prepare(model, default_plan(tiny_llama(), parse_scheme("int4:g32")))
 

@@ -36,7 +36,7 @@ def finetune(model: nn.Module, windows: Tensor, steps: int, lr: float = 5e-3, ob
     windows: (n, seq) int64 token ids; each step takes ``batch_size`` of them, in an order drawn
     from ``seed`` (a fresh permutation each pass). lr: relative scale learning rate (module
     docstring). train_weights: also train the layers' float weights with Adam at ``weight_lr``
-    (absolute). Returns the loss of every step (float, before that step's update).
+    (absolute; with objective "ce" only, since KL's target is these same float weights). Returns the loss of every step (float, before that step's update).
     """
     layers = [layer for _, layer in fake_quant_layers(model)]
     _check(layers, windows, steps, objective, batch_size, train_weights)
@@ -94,6 +94,9 @@ def _check(layers: list, windows: Tensor, steps: int, objective: str, batch_size
         raise LowbitError("nothing to train: prepare the model with learn_scale=True, or pass train_weights=True")
     if objective not in OBJECTIVES:
         raise LowbitError(f"objective {objective!r} unknown; use one of {', '.join(OBJECTIVES)}")
+    if train_weights and objective == "kl":
+        raise LowbitError("objective 'kl' takes the model with fake quantization off as its target, which would move "
+                          "as the weights train; use objective='ce' with train_weights=True")
     if windows.dim() != 2 or windows.dtype != torch.int64 or windows.shape[1] < 2 or windows.shape[0] < 1:
         raise LowbitError(f"windows must be a (n, seq) int64 tensor of token ids with seq >= 2, got "
                           f"{tuple(windows.shape)} {windows.dtype}")
