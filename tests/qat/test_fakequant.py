@@ -120,7 +120,7 @@ def lsq_case(fmt_name: str, signed: bool):
 def test_lsq_gradients_match_the_paper(fmt_name, signed, single_thread):
     w, fq, lin, up = lsq_case(fmt_name, signed)
     fmt = get_format(fmt_name)
-    q_n, q_p = (fmt.qmax, fmt.qmax) if signed else (0, fmt.qmax)  # uint4: zero point 0 on positive blocks
+    q_n, q_p = (-fmt.qmin, fmt.qmax) if signed else (0, fmt.qmax)  # full-range int: Q_N = 2^(b-1) as in the paper
     for r in range(4):
         v = w[r].clone().requires_grad_(True)
         s = fq.scale.detach()[r, 0].clone().requires_grad_(True)
@@ -147,8 +147,8 @@ def test_lsq_gradient_on_a_nonuniform_grid(single_thread):
 
 
 def test_lsq_scale_gradient_by_hand():
-    """One int4 block [0.25, -1.0, 0.52] with s = 0.1, upstream 1, g = 1/sqrt(3·7):
-    v = 2.5 (round 2: -0.5), -10 (clamped: -7), 5.2 (round 5: -0.2) -> (-0.5 - 7 - 0.2)·g."""
+    """One int4 block [0.25, -1.0, 0.52] with s = 0.1, upstream 1, g = 1/sqrt(3·Q_P) = 1/sqrt(3·7):
+    v = 2.5 (round 2: -0.5), -10 (clamped: -Q_N = -8), 5.2 (round 5: -0.2) -> (-0.5 - 8 - 0.2)·g."""
     spec = QuantSpec(get_format("int4"), PerGroup(3), scale_dtype="float32")
     lin = nn.Linear(3, 1, bias=False)
     fq = FakeQuantLinear(lin, spec, learn_scale=True)
@@ -156,7 +156,7 @@ def test_lsq_scale_gradient_by_hand():
         lin.weight.copy_(torch.tensor([[0.25, -1.0, 0.52]]))
         fq.scale.fill_(0.1)
     fq.fake_weight().sum().backward()
-    expected = (-0.5 - 7 - 0.2) / math.sqrt(3 * 7)
+    expected = (-0.5 - 8 - 0.2) / math.sqrt(3 * 7)
     assert fq.scale.grad.item() == pytest.approx(expected, rel=1e-5)
     assert lin.weight.grad.tolist() == [[1.0, 0.0, 1.0]]
 

@@ -3,7 +3,7 @@ gives the ``QuantizedTensor`` post-training quantization writes.
 
 ``prepare(model, plan)`` swaps the targeted layers (``nn.Linear`` and GPT-2's ``Conv1D``) for
 fake-quant layers, ``freeze_model(model)`` puts the original modules back with their frozen
-``QuantizedTensor`` attached (``lowbit.apply.attach``), so ``lowbit.save``, ``lowbit.load`` and
+``QuantizedTensor`` attached (``lowbit.nn.reference.attach``), so ``lowbit.save``, ``lowbit.load`` and
 the exports see an ordinary quantized model.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from lowbit.apply import attach
+from lowbit.nn.reference import attach
 from lowbit.errors import LowbitError
-from lowbit.plan import Target, resolve_targets
+from lowbit.models.targets import Target, resolve_targets
 from lowbit.qat.fakequant import check_learnable, fake_quantize, initial_qparams, quantize_with
 from lowbit.qtensor import QuantizedTensor, from_matrix, matrix_view
 from lowbit.quantizer import check_weight, pack_matrix, quantize_weight
@@ -93,7 +93,7 @@ class FakeQuantLinear(nn.Module):
 def prepare(model: nn.Module, plan: Plan, learn_scale: bool = False) -> list[FakeQuantLinear]:
     """Swap every Linear / Conv1D that ``plan`` targets for a ``FakeQuantLinear``, in place.
 
-    ``plan``: rules (``lowbit.plan.default_plan``, resolved by ``resolve_targets``) or
+    ``plan``: rules (``lowbit.models.targets.default_plan``, resolved by ``resolve_targets``) or
     (target, spec) pairs. Every target is checked before any module changes. Returns the layers.
     """
     pairs = list(plan)
