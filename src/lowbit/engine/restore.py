@@ -1,8 +1,9 @@
 """What a finished block leaves in the run's checkpoint, and how a resumed run puts it back.
 
-A block's payload holds the quantized tensors its stages attached (every role, under
-``<module>.<param>.<role>``), the float tensors of the block when a stage changed float weights
-in place (pruned weights, folded norms), and the report lines of the block.
+A block's payload holds the quantized tensors attached in the block (every role, under
+``<module>.<param>.<role>``, whichever stage or hook attached them), the keep-masks of float
+pruned weights (``mask:<module>.<param>``), the float tensors of the block when a stage changed
+float weights in place (pruned weights, folded norms), and the report lines of the block.
 """
 from __future__ import annotations
 
@@ -12,25 +13,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.nn.reference import attach
 from lowbit.engine.checkpoint import RunDir, read_block
 from lowbit.engine.report import RunReport
-from lowbit.qtensor import QuantizedTensor
+from lowbit.nn.reference import attach, attach_mask, float_masks, qtensors
+from lowbit.qtensor import ROLES, QuantizedTensor
 
-_ROLES = ("codes", "scale", "zero", "global_scale")
 
-
-def block_payload(block: nn.Module, prefix: str, solved: list, counts: list[int], report: RunReport,
+def block_payload(block: nn.Module, prefix: str, counts: list[int], report: RunReport,
                   floats: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, meta) to checkpoint for a finished block whose keys start with ``prefix``."""
-    tensors, meta = {}, {}
-    for s in solved:
-        if s.qtensor is None:
-            continue
-        key = f"{s.target.module_name}.{s.target.param}"  # as io.save names it
-        for role, t in s.qtensor.to_tensors().items():
-            tensors[f"{key}.{role}"] = t
-        meta[key] = {**s.qtensor.meta(), "dtype": str(s.dtype).removeprefix("torch.")}
+    tensors, meta, mask_keys = {}, {}, []
+    for sub_name, sub in block.named_modules(prefix=prefix.rstrip(".")):
+        for param, qt in qtensors(sub).items():
+            key = f"{sub_name}.{param}"  # as io.save names it
+            for role, t in qt.to_tensors().items():
+                tensors[f"{key}.{role}"] = t
+            meta[key] = {**qt.meta(), "dtype": str(getattr(sub, param).dtype).removeprefix("torch.")}
+        for param, mask in float_masks(sub).items():
+            tensors[f"mask:{sub_name}.{param}"] = mask
+            mask_keys.append(f"{sub_name}.{param}")
     float_keys = []
     if floats:
         for key, t in block.state_dict(prefix=prefix).items():
@@ -39,8 +40,8 @@ def block_payload(block: nn.Module, prefix: str, solved: list, counts: list[int]
     layers = [r for r in report.layers if r["key"].startswith(prefix)]
     fallbacks = [f for f in report.fallbacks if f.startswith(prefix)]
     stages = [{"done": n, "blocks": s.blocks[-1:] if s.blocks else []} for n, s in zip(counts, report.stages)]
-    return tensors, {"tensors": meta, "floats": float_keys, "layers": layers, "fallbacks": fallbacks,
-                     "stages": stages}
+    return tensors, {"tensors": meta, "floats": float_keys, "masks": mask_keys, "layers": layers,
+                     "fallbacks": fallbacks, "stages": stages}
 
 
 def restore_report(report: RunReport, run: RunDir, i: int) -> None:
@@ -62,9 +63,12 @@ def restore_block(model: nn.Module, folder: Path, i: int) -> None:
             for key, t in state.items():
                 _tensor_at(model, key).copy_(t)
     modules = dict(model.named_modules())
+    for key in meta.get("masks", []):
+        module_name, _, param = key.rpartition(".")
+        attach_mask(modules[module_name], param, tensors[f"mask:{key}"])
     for key, m in meta["tensors"].items():
         module_name, _, param = key.rpartition(".")
-        parts = {r: tensors[f"{key}.{r}"] for r in _ROLES if f"{key}.{r}" in tensors}
+        parts = {r: tensors[f"{key}.{r}"] for r in ROLES if f"{key}.{r}" in tensors}
         attach(modules[module_name], param, QuantizedTensor.from_tensors(m, parts), getattr(torch, m["dtype"]))
 
 

@@ -90,12 +90,11 @@ def calibrate(model: nn.Module, plan: list[Rule], method: Recipe | Modifier | st
             if streaming:
                 streaming.load(blocks[i], f"{name}." if name else "")
             fp_out = _propagate(blocks[i], calls, fp_in, _gen(run, i, "fp", act_budget)) if keep_float else None
-            solved, counts = [], []
+            counts = []
             for k, (stage, parts) in enumerate(zip(recipe.stages, split)):
                 data = BlockData(calls, q_in, fp_in, fp_out) if stage.modifier.has_block_solve else None
                 done = _run_stage(model, blocks[i], stage, report.stages[k], parts.get(i, []), calls, q_in, data,
                                   report)
-                solved += done
                 counts.append(len(done) if stage.modifier.has_layer_solve else len(parts.get(i, [])))
             old = q_in
             q_in = _propagate(blocks[i], calls, q_in, _gen(run, i, "q", act_budget))
@@ -103,8 +102,7 @@ def calibrate(model: nn.Module, plan: list[Rule], method: Recipe | Modifier | st
                 gen.memory.clear()  # its files, if any, are removed by the checkpoint once this block is recorded
             fp_in = fp_out
             if run:
-                run.save_block(i, *block_payload(blocks[i], f"{name}." if name else "", solved, counts, report,
-                                                 saves_float))
+                run.save_block(i, *block_payload(blocks[i], f"{name}." if name else "", counts, report, saves_float))
                 run.mark_done(i)
             if streaming:
                 streaming.release(blocks[i])

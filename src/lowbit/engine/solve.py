@@ -8,16 +8,16 @@ module then computes with its dequantized copy), a float weight is written in pl
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lowbit.nn.reference import attach
 from lowbit.errors import LowbitError
 from lowbit.models.targets import Target
 from lowbit.modifiers.base import LayerResult, Modifier
+from lowbit.nn.reference import attach, attach_mask
 from lowbit.qtensor import QuantizedTensor, from_matrix, matrix_view
 from lowbit.quantizer import check_weight, pack_matrix, quantize_matrix
 from lowbit.scheme import TensorScheme
@@ -55,20 +55,34 @@ def solve_target(modifier: Modifier, target: Target, module: nn.Module, scheme: 
                                   "seconds": round(time.perf_counter() - t0, 3)})
     if result is None:
         return None
-    return apply_result(module, target, w, result)
+    return apply_result(module, target, w, result, scheme)
 
 
-def apply_result(module: nn.Module, target: Target, w: Tensor, result: LayerResult) -> Solved:
-    """Write ``result`` into ``module.<param>`` (``w`` is its current tensor)."""
+def apply_result(module: nn.Module, target: Target, w: Tensor, result: LayerResult,
+                 scheme: TensorScheme | None = None) -> Solved:
+    """Write ``result`` into ``module.<param>`` (``w`` is its current tensor).
+
+    A quantized result is attached with its mask (``result.mask``, or the mask an earlier pruning
+    stage recorded) and the scheme's input-activation spec; a float result is copied into the
+    weight, and its mask recorded (``attach_mask``).
+    """
+    shape = tuple(w.shape)
+    mask = None if result.mask is None else from_matrix(result.mask, shape, target.layout)
     if result.quantized:
-        qt = pack_matrix(result.spec, tuple(w.shape), target.layout, result.codes, result.scale, result.zero,
+        qt = pack_matrix(result.spec, shape, target.layout, result.codes, result.scale, result.zero,
                          result.global_scale)
+        if mask is not None:
+            qt = replace(qt, mask=mask.cpu())
+        if scheme is not None and scheme.input is not None:
+            qt = replace(qt, input=scheme.input)
         attach(module, target.param, qt, w.dtype)
         return Solved(target, qt, w.dtype)
     if result.weight is None:
         raise LowbitError(f"{target.key}: the method returned neither codes nor a weight")
     with torch.no_grad():
-        w.copy_(from_matrix(result.weight, tuple(w.shape), target.layout).to(w.dtype))
+        w.copy_(from_matrix(result.weight, shape, target.layout).to(w.dtype))
+    if mask is not None:
+        attach_mask(module, target.param, mask)
     return Solved(target, None, w.dtype)
 
 

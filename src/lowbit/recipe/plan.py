@@ -76,6 +76,9 @@ def _check_produced(recipe: Recipe, per_stage: list[Pairs]) -> None:
             if s.input is not None and s.weight is None:
                 raise LowbitError(f"scheme {_describe(s)} quantizes activations of {t.key} without quantizing its "
                                   "weight; give a weight spec too (e.g. w8a8)")
+            if s.input is not None and not s.input.dynamic:
+                raise LowbitError(f"scheme {_describe(s)} asks for a static input scale, which no method calibrates "
+                                  "yet; use a dynamic activation spec (e.g. w8a8 rather than w8a8-static)")
 
 
 def _has(scheme: TensorScheme, parts: frozenset[str]) -> bool:
