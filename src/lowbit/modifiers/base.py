@@ -7,6 +7,8 @@ every hook a do-nothing default, so a method implements only what it needs:
 =================  ===================================================================
 hook               when the engine calls it
 =================  ===================================================================
+``check_scheme``   at planning, once per distinct scheme a stage acts on: raise
+                   ``LowbitError`` for a scheme the method cannot produce
 ``prepare``        once, on the whole model, before any block (data-free transforms)
 ``new_stats``      per targeted layer while its block runs on calibration data; returns
                    an accumulator with ``update(x)``, x (tokens, in_features)
@@ -99,6 +101,9 @@ class Modifier:
     produces: ClassVar[frozenset[str]] = frozenset({"weight"})
     requires: ClassVar[frozenset[str]] = frozenset({"weight"})
     changes_float: ClassVar[bool] = False
+
+    def check_scheme(self, scheme: TensorScheme) -> None:
+        """Raise ``LowbitError`` if this method cannot produce ``scheme``. Default: any scheme."""
 
     def prepare(self, model: nn.Module) -> None:
         """Whole-model, data-free preparation (folding, rotations). Default: nothing."""

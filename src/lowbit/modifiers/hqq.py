@@ -22,14 +22,16 @@ class HQQ(Modifier):
 
     name = "hqq"
 
+    def check_scheme(self, scheme: TensorScheme) -> None:
+        if scheme.weight.format.zero_kind != "float":
+            raise LowbitError(f"method hqq refines a float zero; {scheme.weight.format.name} has none, use a "
+                              "float-zero format such as uint4_fz:g64")
+
     def solve_layer(self, W: Tensor, stats: Any, scheme: TensorScheme, key: str,
                     global_scale: Tensor | None = None) -> LayerResult:
         """W (rows, cols) float32 -> codes and grids with HQQ's refined float zeros."""
-        spec = scheme.weight
-        if spec.format.zero_kind != "float":
-            raise LowbitError(f"method hqq refines a float zero; {spec.format.name} has none, use a float-zero "
-                              "format such as uint4_fz:g64")
-        spec = replace(spec, scale_search="hqq")
+        self.check_scheme(scheme)
+        spec = replace(scheme.weight, scale_search="hqq")
         gscale = tensor_scale(spec, W, global_scale)
         codes, scale, zero = quantize_matrix(W, spec, gscale)
         return LayerResult(spec, codes, scale, zero, gscale)

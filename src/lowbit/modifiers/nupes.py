@@ -24,14 +24,18 @@ class NUPES(Modifier):
 
     name = "nupes"
 
-    def solve_layer(self, W: Tensor, stats: Any, scheme: TensorScheme, key: str,
-                    global_scale: Tensor | None = None) -> LayerResult:
-        """W (rows, cols) float32 -> codes on ``PowerFormat(bits, a)`` with this tensor's ``a``."""
-        spec = scheme.weight
-        fmt = spec.format
+    def check_scheme(self, scheme: TensorScheme) -> None:
+        fmt = scheme.weight.format
         if not (isinstance(fmt, PowerFormat) or (fmt.family == "int" and fmt.symmetric)):
             raise LowbitError(f"method nupes needs a power or symmetric int format, not {fmt.name}; "
                               "try pow4_a0.5:g64")
+
+    def solve_layer(self, W: Tensor, stats: Any, scheme: TensorScheme, key: str,
+                    global_scale: Tensor | None = None) -> LayerResult:
+        """W (rows, cols) float32 -> codes on ``PowerFormat(bits, a)`` with this tensor's ``a``."""
+        self.check_scheme(scheme)
+        spec = scheme.weight
+        fmt = spec.format
         a = search_exponent(W, fmt.bits, spec.granularity, scale_dtype=spec.scale_dtype)
         spec = replace(spec, format=PowerFormat(fmt.bits, a))
         gscale = tensor_scale(spec, W, global_scale)
