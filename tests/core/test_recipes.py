@@ -117,3 +117,16 @@ def test_plan_checks_refuse_what_a_recipe_cannot_do():
     static = default_plan(model, parse_tensor_scheme("w8a8-static"))
     with pytest.raises(LowbitError, match="static input scale"):
         plan_recipe(model, from_methods("rtn", {}), static)
+
+
+def test_the_readme_recipe_parses_and_plans(tmp_path):
+    import re as regex
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = regex.search(r"```yaml\n(stages:.*?)```", readme, regex.S).group(1)
+    (tmp_path / "recipe.yaml").write_text(block)
+    r = load_recipe(tmp_path / "recipe.yaml")
+    assert r.name == "hqq+gptq" and r.stages[0].targets == "self_attn"
+    model = families.llama().eval()
+    per_stage = plan_recipe(model, r, default_plan(model, parse_tensor_scheme("uint4_fz:g64")))
+    assert [len(p) for p in per_stage] == [8, 6]  # 2 blocks × (q, k, v, o) and × (gate, up, down)
