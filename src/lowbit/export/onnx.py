@@ -44,6 +44,7 @@ from lowbit.errors import LowbitError
 from lowbit.export._roles import refuse_extras, refuse_model_extras
 from lowbit.export._write import atomic_file
 from lowbit.nn.reference import attach, quantized_tensors
+from lowbit.version import __version__
 
 SUPPORTED = ("int2-int8 symmetric (stored as ONNX int4/int8), uint2-uint8 with an integer zero point "
              "(uint4/uint8), fp8_e4m3fn and fp8_e5m2; per tensor, per channel, groups gN and tiles bRxC; "
@@ -206,15 +207,13 @@ def _quiet() -> Iterator[None]:
 
 def _clean_metadata(proto) -> None:
     """Drop the exporter's stack traces and file paths, so the bytes do not depend on the checkout."""
-    import lowbit
-
     graph = proto.graph
     for items in (graph.node, graph.initializer, graph.input, graph.output, graph.value_info):
         for item in items:
             del item.metadata_props[:]
     del graph.metadata_props[:]
     del proto.metadata_props[:]
-    proto.metadata_props.add(key="lowbit_version", value=lowbit.__version__)
+    proto.metadata_props.add(key="lowbit_version", value=__version__)
 
 
 # --- the QDQ rewrite ----------------------------------------------------------------------
