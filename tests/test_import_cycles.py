@@ -5,17 +5,21 @@ it back is on a cycle too."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import lowbit
 
 SRC = Path(lowbit.__file__).parent.parent
+MODULE = re.compile(r"lowbit(\.\w+)+(:\w+)?")
 
 
 def import_graph() -> dict[str, set[str]]:
     """module -> lowbit modules it imports anywhere in its body (top level or inside functions).
 
-    ``from P import N`` is an edge to ``P`` and, where ``P.N`` is a module, to ``P.N`` as well.
+    ``from P import N`` is an edge to ``P`` and, where ``P.N`` is a module, to ``P.N`` as well. A
+    string that names a module (``"lowbit.modifiers.gptq:GPTQ"`` in a registry) is an edge too:
+    ``importlib`` imports it as surely as an import statement.
     """
     files = {".".join(f.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__"): f
              for f in (SRC / "lowbit").rglob("*.py")}
@@ -26,6 +30,8 @@ def import_graph() -> dict[str, set[str]]:
                 names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and MODULE.fullmatch(node.value):
+                names = [node.value.partition(":")[0]]
             else:
                 continue
             graph[m] |= {n for n in names if n in files and n != m}
