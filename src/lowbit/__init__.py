@@ -7,12 +7,11 @@ lowbit folders.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from lowbit.errors import LowbitError  # noqa: E402
 from lowbit.spec import PerBlock, PerChannel, PerGroup, PerTensor, QuantSpec  # noqa: E402
 from lowbit.scheme import ActSpec, Rule, SparsitySpec, TensorScheme  # noqa: E402
 from lowbit.hf.quantizer import install_hook as _install_hf_hook  # noqa: E402
+from lowbit.version import __version__  # noqa: E402
 
 _install_hf_hook()
 
@@ -37,7 +36,7 @@ def __getattr__(name: str):
 
         return parse_scheme
     if name == "get_format":
-        from lowbit.formats import get_format
+        from lowbit.formats.registry import get_format
 
         return get_format
     raise AttributeError(f"module 'lowbit' has no attribute {name!r}")

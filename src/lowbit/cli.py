@@ -24,7 +24,7 @@ console = Console()
 @app.command()
 def formats(as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table.")) -> None:
     """Every registered number format with its bits, range and value table."""
-    from lowbit.formats import all_formats
+    from lowbit.formats.registry import all_formats
 
     rows = [_format_row(name, fmt) for name, fmt in all_formats().items()]
     if as_json:

@@ -18,7 +18,7 @@ def run_demo(console: Console, scheme: str, windows: int, seq_len: int, out: Pat
 
     ``source`` is SmolLM2-135M by default; any causal LM that ``load_model`` accepts works.
     """
-    from lowbit import api
+    from lowbit.api import quantize, save
     from lowbit.compare import check_eval_args, compare
     from lowbit.errors import LowbitError
     from lowbit.eval import eval_text
@@ -36,11 +36,11 @@ def run_demo(console: Console, scheme: str, windows: int, seq_len: int, out: Pat
     model, tok = original.model, original.tokenizer
     quant = copy.deepcopy(model)
     t0 = time.perf_counter()
-    api.quantize(quant, spec)
+    quantize(quant, spec)
     seconds = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         folder = out or Path(tmp) / "quantized"
-        api.save(quant, folder, tokenizer=tok, overwrite=overwrite)
+        save(quant, folder, tokenizer=tok, overwrite=overwrite)
         # evaluate what was saved, not what is in memory: the float32 fake-quant model for the
         # scores (batched windows run fastest in float32), the packed model for generation
         reloaded = load_lowbit(folder, packed=False).model

@@ -93,7 +93,7 @@ def _recipe(a: QuantizeArgs):
 
 
 def _data_free(console: Console, a: QuantizeArgs, scheme: Any, recipe: Any) -> tuple[dict, Any, Any, str]:
-    from lowbit import api
+    from lowbit.api import quantize, save
     from lowbit.compare import check_fits
     from lowbit.hf.load import load_model
     from lowbit.report import bits_per_weight, folder_bytes
@@ -105,11 +105,11 @@ def _data_free(console: Console, a: QuantizeArgs, scheme: Any, recipe: Any) -> t
         check_fits(loaded.model, a.seq_len)
     original = copy.deepcopy(loaded.model) if a.evaluate else None
     t0 = time.perf_counter()
-    api.quantize(loaded.model, scheme, method=recipe)
+    quantize(loaded.model, scheme, method=recipe)
     seconds = time.perf_counter() - t0
     report = loaded.model.__dict__.pop("lowbit_report")
     _print_run(console, report, f"{recipe.name}: no calibration data")
-    api.save(loaded.model, a.out, tokenizer=loaded.tokenizer, overwrite=a.overwrite)
+    save(loaded.model, a.out, tokenizer=loaded.tokenizer, overwrite=a.overwrite)
     numbers = {"bits_per_weight": bits_per_weight(loaded.model), "bytes": folder_bytes(a.out),
                "quantize_seconds": seconds, "stages": _stage_numbers(report)}
     return numbers, original, loaded.tokenizer, loaded.name

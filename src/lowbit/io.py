@@ -25,12 +25,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import lowbit
 from lowbit.errors import LowbitError
 from lowbit.manifest import FORMAT_VERSION, check_agree, migrate, quantization_config
 from lowbit.nn.convert import place
 from lowbit.nn.reference import attach, attach_mask, masks, quantized_tensors
 from lowbit.qtensor import QuantizedTensor, pack_mask, unpack_mask
+from lowbit.version import __version__
 
 MANIFEST = "lowbit.json"
 WEIGHTS = "model.safetensors"
@@ -75,7 +75,7 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None, overwr
 
 def _write_weights(tmp: Path, chunks: Iterable[tuple[dict[str, torch.Tensor], dict[str, Any]]]) -> dict[str, Any]:
     """One file for a single chunk, numbered shards and an index for several; returns the manifest."""
-    manifest: dict[str, Any] = {"lowbit_version": lowbit.__version__, "format_version": FORMAT_VERSION,
+    manifest: dict[str, Any] = {"lowbit_version": __version__, "format_version": FORMAT_VERSION,
                                 "quantized": {}, "masks": {}, "aliases": {}}
     names: list[str] = []
     weight_map: dict[str, str] = {}

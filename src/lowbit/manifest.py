@@ -25,9 +25,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import lowbit
 from lowbit.errors import LowbitError
 from lowbit.spec import SPEC_VERSION
+from lowbit.version import __version__
 
 FORMAT_VERSION = 2
 OLDEST_FORMAT = 1
@@ -70,7 +70,7 @@ def _v1_to_v2(m: dict[str, Any]) -> dict[str, Any]:
 
 def _newer(where: str, manifest: dict[str, Any], what: str, reads: str) -> str:
     by = manifest.get("lowbit_version", "a newer lowbit")
-    return (f"{where} uses {what}, written by lowbit {by}; this lowbit {lowbit.__version__} reads {reads}: "
+    return (f"{where} uses {what}, written by lowbit {by}; this lowbit {__version__} reads {reads}: "
             f"upgrade lowbit to {by} or newer (pip install -U lowbit)")
 
 

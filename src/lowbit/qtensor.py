@@ -19,9 +19,9 @@ from math import prod
 import torch
 from torch import Tensor
 
-from lowbit import grouping
 from lowbit.errors import LowbitError
 from lowbit.formats.base import QParams
+from lowbit.grouping import Region, from_blocks, grid_take, regions, to_blocks
 from lowbit.packing import pack, unpack
 from lowbit.scheme import ActSpec
 from lowbit.spec import SCALE_DTYPES, QuantSpec, tile_of
@@ -180,14 +180,14 @@ class QuantizedTensor:
         """(rows, cols) float32: codes times scales only (no mask, no low-rank term)."""
         fmt, codes = self.spec.format, self.codes()
         out = torch.empty(self.matrix_shape, dtype=torch.float32, device=codes.device)
-        for region in grouping.regions(self.matrix_shape, self.tile):
+        for region in regions(self.matrix_shape, self.tile):
             qp = self.qparams(region)
-            grouping.from_blocks(fmt.dequantize(grouping.to_blocks(codes, region), qp), region, out)
+            from_blocks(fmt.dequantize(to_blocks(codes, region), qp), region, out)
         return out
 
-    def qparams(self, region: grouping.Region) -> QParams:
-        zero = None if self.zero is None else grouping.grid_take(self.zero, region)
-        return QParams(grouping.grid_take(self.scale, region), zero, self.global_scale)
+    def qparams(self, region: Region) -> QParams:
+        zero = None if self.zero is None else grid_take(self.zero, region)
+        return QParams(grid_take(self.scale, region), zero, self.global_scale)
 
     # --- accounting ----------------------------------------------------------------------
     def nbits(self) -> int:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lowbit import grouping
 from lowbit.errors import LowbitError
 from lowbit.formats.base import Format
+from lowbit.grouping import empty_grid, from_blocks, grid_put, regions, to_blocks
 from lowbit.observers import choose_qparams
 from lowbit.packing import pack
 from lowbit.qtensor import QuantizedTensor, matrix_view
@@ -45,16 +45,16 @@ def quantize_matrix(m: Tensor, spec: QuantSpec, global_scale: Tensor | None = No
     rows, cols = m.shape
     fmt: Format = spec.format
     tile = tile_of(spec.granularity, rows, cols)
-    scale = grouping.empty_grid((rows, cols), tile)
-    zero = grouping.empty_grid((rows, cols), tile) if fmt.zero_kind else None
+    scale = empty_grid((rows, cols), tile)
+    zero = empty_grid((rows, cols), tile) if fmt.zero_kind else None
     codes = torch.empty((rows, cols), dtype=torch.uint8)
-    for region in grouping.regions((rows, cols), tile):
-        blocks = grouping.to_blocks(m, region)  # (n_blocks, block_size)
+    for region in regions((rows, cols), tile):
+        blocks = to_blocks(m, region)  # (n_blocks, block_size)
         qp = choose_qparams(blocks, spec, global_scale)
-        grouping.from_blocks(fmt.quantize(blocks, qp), region, codes)
-        grouping.grid_put(scale, region, qp.scale)
+        from_blocks(fmt.quantize(blocks, qp), region, codes)
+        grid_put(scale, region, qp.scale)
         if zero is not None:
-            grouping.grid_put(zero, region, qp.zero)
+            grid_put(zero, region, qp.zero)
     return codes, scale, zero
 
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from lowbit.errors import LowbitError
-from lowbit.formats.base import Format, format_from_dict
+from lowbit.formats.base import Format
+from lowbit.formats.registry import format_from_dict
 from lowbit.spec import Granularity, PerChannel, PerGroup, PerTensor, QuantSpec
 
 SCHEME_VERSION = 1

@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 
 from lowbit.errors import LowbitError
-from lowbit.formats import all_formats, get_format
+from lowbit.formats.registry import all_formats, get_format
 from lowbit.scheme import ActSpec, SparsitySpec, TensorScheme
 from lowbit.spec import Granularity, PerBlock, PerChannel, PerGroup, PerTensor, QuantSpec
 

@@ -13,7 +13,8 @@ from typing import Any, Union
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats.base import Format, format_from_dict
+from lowbit.formats.base import Format
+from lowbit.formats.registry import format_from_dict
 
 SPEC_VERSION = 1
 

@@ -14,6 +14,7 @@ from lowbit.errors import LowbitError
 from lowbit.export import export
 
 import gguf  # noqa: E402 - a missing reader fails: scripts/install.sh installs the [export,test] extras
+from lowbit.export import _gguf_blocks as blocks  # noqa: E402
 from lowbit.export import gguf as lg  # noqa: E402
 
 EXACT = {"int8:g32": "Q8_0", "int4:g32": "Q4_0", "uint4_fz:g32": "Q4_1", "int5:g32": "Q5_0", "uint5_fz:g32": "Q5_1"}
@@ -176,7 +177,7 @@ def test_unexportable_scheme_names_spec_and_supported(tmp_path, tokenizer, schem
     folder = saved(tiny_llama(len(tokenizer), num_hidden_layers=1), scheme, tokenizer, tmp_path / "q")
     with pytest.raises(LowbitError) as e:
         export(folder, "gguf", tmp_path / "q.gguf")
-    assert lowbit.schemes.describe(lowbit.parse_scheme(scheme)) in str(e.value) and lg.SUPPORTED in str(e.value)
+    assert lowbit.schemes.describe(lowbit.parse_scheme(scheme)) in str(e.value) and blocks.SPECS in str(e.value)
     assert not (tmp_path / "q.gguf").exists()
 
 
@@ -217,7 +218,7 @@ def test_pack_blocks_matches_gguf_reference_codec():
         ref_values = torch.from_numpy(gguf.quants.dequantize(ref, gguf.GGMLQuantizationType[qtype]))
         d = torch.from_numpy(ref.reshape(4, 2, -1)[..., :2].copy().view(np.float16)).reshape(4, 2).float()
         codes = (ref_values.reshape(4, 2, 32) / torch.where(d == 0, 1.0, d)[..., None]).round() + 2 ** (bits - 1)
-        packed = lg.pack_blocks(codes.reshape(4, 64).to(torch.uint8), d, None, qtype)
+        packed = blocks.pack_blocks(codes.reshape(4, 64).to(torch.uint8), d, None, qtype)
         assert np.array_equal(packed, ref), qtype
 
 
@@ -283,5 +284,5 @@ def test_fast_codes_equal_lowbit_unpack(scheme):
 
     w = torch.randn(8, 96, generator=torch.Generator().manual_seed(0))
     qt = quantize_weight(w, lowbit.parse_scheme(scheme))
-    assert torch.equal(lg.codes(qt), qt.codes())
-    assert torch.equal(lg.dequantize(qt), qt.dequantize())
+    assert torch.equal(blocks.codes(qt), qt.codes())
+    assert torch.equal(blocks.dequantize(qt), qt.dequantize())

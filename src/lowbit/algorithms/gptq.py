@@ -47,10 +47,10 @@ from math import isfinite
 import torch
 from torch import Tensor
 
-from lowbit import grouping
 from lowbit.algorithms._hessian import MAX_DAMP, dead_columns, inverse_cholesky
 from lowbit.errors import LowbitError
 from lowbit.formats.base import QParams
+from lowbit.grouping import empty_grid, grid_put, regions, to_blocks
 from lowbit.quantizer import check_weight, choose_qparams
 from lowbit.spec import QuantSpec, tile_of
 
@@ -149,21 +149,21 @@ class _Qparams:
     def __init__(self, spec: QuantSpec, shape: tuple[int, int], tile: tuple[int, int],
                  global_scale: Tensor | None, device: torch.device) -> None:
         self.spec, self.shape, self.tile, self.gs = spec, shape, tile, global_scale
-        self.scale = grouping.empty_grid(shape, tile).to(device)
-        self.zero = grouping.empty_grid(shape, tile).to(device) if spec.format.zero_kind else None
+        self.scale = empty_grid(shape, tile).to(device)
+        self.zero = empty_grid(shape, tile).to(device) if spec.format.zero_kind else None
         self.row_tile = torch.arange(shape[0], device=device) // tile[0]  # (rows,) grid row of each row
         self.ST: Tensor | None = None  # (cols, rows), filled by choose_all or choose_group
         self.ZT: Tensor | None = None
 
     def _choose(self, m: Tensor, tile: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
         """Grids (ceil(r/tr), ceil(c/tc)) of qparams for the tiles of a (r, c) matrix ``m``."""
-        scale = grouping.empty_grid(tuple(m.shape), tile).to(m.device)
+        scale = empty_grid(tuple(m.shape), tile).to(m.device)
         zero = torch.empty_like(scale) if self.zero is not None else None
-        for region in grouping.regions(tuple(m.shape), tile):
-            qp = choose_qparams(grouping.to_blocks(m, region), self.spec, self.gs)  # (n_blocks, 1)
-            grouping.grid_put(scale, region, qp.scale)
+        for region in regions(tuple(m.shape), tile):
+            qp = choose_qparams(to_blocks(m, region), self.spec, self.gs)  # (n_blocks, 1)
+            grid_put(scale, region, qp.scale)
             if zero is not None:
-                grouping.grid_put(zero, region, qp.zero)
+                grid_put(zero, region, qp.zero)
         return scale, zero
 
     def choose_all(self, W: Tensor, perm: Tensor | None) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lowbit.calib import cache
+from lowbit.calib.cache import cache_path, load_tokens, model_fingerprint, save_tokens
 from lowbit.errors import LowbitError
 
 log = logging.getLogger(__name__)
@@ -59,15 +59,15 @@ def self_generate(model: nn.Module, tokenizer: Any, n_samples: int, seq_len: int
     candidates = first_token_candidates(model, tokenizer)
     settings = {"seed": seed, "n_samples": n_samples, "seq_len": seq_len, "batch_size": batch_size,
                 "prefix_lengths": list(prefix_lengths), "device": _device(model).type}
-    key = {"version": FORMAT_VERSION, "model": cache.model_fingerprint(model), **settings}
-    path = cache.cache_path({**key, "candidates": candidates.tolist()})
-    tokens = cache.load_tokens(path, (n_samples, seq_len)) if use_cache else None
+    key = {"version": FORMAT_VERSION, "model": model_fingerprint(model), **settings}
+    path = cache_path({**key, "candidates": candidates.tolist()})
+    tokens = load_tokens(path, (n_samples, seq_len)) if use_cache else None
     if tokens is not None:
         log.info("self-generated calibration samples from cache %s", path)
         return tokens
     tokens = generate(model, candidates, n_samples, seq_len, seed, batch_size, prefix_lengths, progress)
     if use_cache:
-        cache.save_tokens(path, tokens, key)
+        save_tokens(path, tokens, key)
     return tokens
 
 

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import nn
 
-import lowbit
 from lowbit.models.blocks import find_blocks
 from lowbit.engine.checkpoint import RunDir, fingerprint, started_batch
 from lowbit.errors import LowbitError
@@ -25,6 +24,7 @@ from lowbit.engine.restore import restore_block
 from lowbit.engine.runner import RunReport, Streaming, calibrate
 from lowbit.recipe.recipe import Recipe
 from lowbit.scheme import TensorScheme
+from lowbit.version import __version__
 
 
 @dataclass
@@ -74,7 +74,7 @@ def run_calibrated(args: CalibratedRun, say=print) -> dict[str, Any]:
         batch = started
     batches = list(windows.split(batch))
     # the batching is part of the run: a resume that split the windows differently would not match
-    run_id = fingerprint(identity, args.scheme.to_dict(), args.recipe.to_dict(), windows, batch, lowbit.__version__)
+    run_id = fingerprint(identity, args.scheme.to_dict(), args.recipe.to_dict(), windows, batch, __version__)
     stream = Streaming(streamed.load, streamed.release) if streamed else None
     report = calibrate(model, plan, args.recipe, batches, workdir=workdir, resume=args.resume, fingerprint=run_id,
                        streaming=stream, act_budget=act_budget, progress=args.progress)

@@ -22,13 +22,15 @@ from pathlib import Path
 
 from lowbit.errors import LowbitError
 
-TARGETS = {"compressed-tensors": "compressed_tensors", "gguf": "gguf", "onnx": "onnx"}
+#: target name -> the module that writes it (imported when asked for)
+TARGETS = {"compressed-tensors": "lowbit.export.compressed_tensors", "gguf": "lowbit.export.gguf",
+           "onnx": "lowbit.export.onnx"}
 
 
 def target_module(to: str):
     if to not in TARGETS:
         raise LowbitError(f"unknown export target {to!r}; use one of: {', '.join(TARGETS)}")
-    return importlib.import_module(f"lowbit.export.{TARGETS[to]}")
+    return importlib.import_module(TARGETS[to])
 
 
 def export(path: str | os.PathLike, to: str, out: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -1,14 +1,4 @@
-"""Number formats: one module per family, each registering its named presets on import."""
-from lowbit.formats.base import (  # noqa: F401
-    Format,
-    QParams,
-    all_formats,
-    format_from_dict,
-    get_format,
-    register_preset,
-)
-from lowbit.formats import int as _int  # noqa: F401
-from lowbit.formats import float as _float  # noqa: F401
-from lowbit.formats import grid as _grid  # noqa: F401
-from lowbit.formats import micro as _micro  # noqa: F401
-from lowbit.formats import binary as _binary  # noqa: F401
+"""Number formats: one module per family (``int``, ``float``, ``grid``, ``micro``, ``binary``) on one
+contract (``base``); ``registry`` names them all."""
+from lowbit.formats.base import Format, QParams  # noqa: F401
+from lowbit.formats.registry import FAMILIES, all_formats, format_from_dict, get_format, register_preset  # noqa: F401

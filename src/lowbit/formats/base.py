@@ -1,9 +1,10 @@
-"""The ``Format`` contract and its registry.
+"""The ``Format`` contract, and the helpers its families share.
 
 A format turns blocks of real numbers into integer codes and back. It only ever sees a 2-D
 view ``blocks: (n_blocks, block_size)`` (float32); the reshaping for a granularity happens once,
 in :mod:`lowbit.grouping`. Every format exposes its element value table (``values()``), so
 exporters, the ``lowbit formats`` command and the conformance tests can all read the grid.
+The formats by name (``get_format``, ``format_from_dict``) are in :mod:`lowbit.formats.registry`.
 
 Reconstruction contract, per block ``i`` and element ``j``::
 
@@ -23,14 +24,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from lowbit.errors import LowbitError
 from lowbit.formats.nearest import NearestTable, gather
 
 #: float32 scales -> the float32 values their storage dtype holds (``Format.choose_qparams``)
 ScaleRounding = Callable[[Tensor], Tensor]
-
-_FAMILIES: dict[str, type["Format"]] = {}
-_PRESETS: dict[str, "Format"] = {}
 
 
 @dataclass(frozen=True)
@@ -51,7 +48,7 @@ class QParams:
 class Format:
     """Base class of every number format; subclasses are frozen dataclasses.
 
-    Subclasses set ``family`` (the registry key), ``bits`` and ``symmetric`` and implement
+    Subclasses set ``family`` (the key of ``formats.registry.FAMILIES``), ``bits`` and ``symmetric`` and implement
     ``values``, ``choose_qparams``, ``quantize`` and ``dequantize``. ``symmetric`` means a scale
     and no zero point, on a grid centred on 0; ``odd`` promises more, that quantization is odd:
     ``Q(-x) == -Q(x)`` (a full-range integer grid is symmetric but not odd: its most negative
@@ -65,11 +62,6 @@ class Format:
     scale_storage: ClassVar[str | None] = None  # storage dtype of scales dictated by the format
     bits: int
     symmetric: bool
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.family:
-            _FAMILIES[cls.family] = cls
 
     # --- the contract ------------------------------------------------------------------
     @property
@@ -143,54 +135,6 @@ class Format:
         from dataclasses import asdict
 
         return {"family": self.family, **asdict(self)}  # type: ignore[call-overload]
-
-
-def register_preset(fmt: Format, name: str | None = None) -> Format:
-    """Make ``fmt`` available by name (``get_format``) and to the conformance suite."""
-    _PRESETS[name or fmt.name] = fmt
-    return fmt
-
-
-def all_formats() -> dict[str, Format]:
-    """Every registered named format, in registration order."""
-    _load_builtin()
-    return dict(_PRESETS)
-
-
-def get_format(name: str) -> Format:
-    _load_builtin()
-    if name not in _PRESETS:
-        known = ", ".join(sorted(_PRESETS))
-        raise LowbitError(f"unknown format {name!r}; known formats: {known}")
-    return _PRESETS[name]
-
-
-def format_from_dict(d: dict[str, Any]) -> Format:
-    """Rebuild a format from ``to_dict`` output; only registered families and their fields.
-
-    A dict written by an older lowbit keeps its old meaning (``Format.upgrade_dict``).
-    """
-    _load_builtin()
-    d = dict(d)
-    family = d.pop("family", None)
-    cls = _FAMILIES.get(family or "")
-    if cls is None:
-        raise LowbitError(f"unknown format family {family!r}; known: {', '.join(sorted(_FAMILIES))}")
-    import dataclasses
-
-    d = cls.upgrade_dict(d)
-    allowed = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = set(d) - allowed
-    if unknown:
-        raise LowbitError(f"format {family!r} has no fields {sorted(unknown)}; allowed: {sorted(allowed)}")
-    for k, v in d.items():
-        if isinstance(v, list):
-            d[k] = tuple(v)
-    return cls(**d)
-
-
-def _load_builtin() -> None:
-    from lowbit import formats  # noqa: F401  (imports every family module once)
 
 
 # --- helpers shared by the families ----------------------------------------------------

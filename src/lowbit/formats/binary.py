@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lowbit.formats.base import Format, QParams, ScaleRounding, absmax, register_preset, rounded, safe_scale
+from lowbit.formats.base import Format, QParams, ScaleRounding, absmax, rounded, safe_scale
 
 #: TWN's threshold factor: Δ = 0.7·mean|x| approximates the optimum for Gaussian weights.
 TWN_DELTA = 0.7
@@ -94,5 +94,5 @@ class TernaryFormat(Format):
         return self.lookup(codes) * qp.scale
 
 
-register_preset(BinaryFormat())
-register_preset(TernaryFormat())
+#: the named formats of this family, in the order ``lowbit formats`` lists them
+PRESETS = (BinaryFormat(), TernaryFormat())

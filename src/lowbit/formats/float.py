@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
-from lowbit.formats.base import Format, QParams, ScaleRounding, absmax, register_preset, rounded, safe_scale
+from lowbit.formats.base import Format, QParams, ScaleRounding, absmax, rounded, safe_scale
 
 SPECIALS = ("none", "fn", "ieee")
 
@@ -137,6 +137,7 @@ class FloatFormat(Format):
         return self.lookup(codes) * qp.scale
 
 
+#: the named formats of this family, in the order ``lowbit formats`` lists them
 PRESETS = (
     FloatFormat(4, 3, special="fn"),  # fp8_e4m3fn: OCP FP8, max 448
     FloatFormat(5, 2, special="ieee"),  # fp8_e5m2: OCP FP8, max 57344
@@ -149,5 +150,3 @@ PRESETS = (
     FloatFormat(3, 0),  # fp4_e3m0: powers of two 0.25 .. 16 and 0
     FloatFormat(1, 1),  # fp3_e1m1: {0, 1, 2, 3}, the uniform int grid
 )
-for _fmt in PRESETS:
-    register_preset(_fmt)

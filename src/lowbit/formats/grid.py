@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
-from lowbit.formats.base import Format, QParams, ScaleRounding, absmax, register_preset, rounded, safe_scale
+from lowbit.formats.base import Format, QParams, ScaleRounding, absmax, rounded, safe_scale
 from lowbit.formats.nearest import NearestTable
 
 #: QLoRA NormalFloat-4 (bitsandbytes ``NF4`` lookup table), exact published constants.
@@ -167,9 +167,8 @@ class PowerFormat(Format):
         return self.lookup(codes) * qp.scale
 
 
-register_preset(CodebookFormat(NF4_VALUES, "nf4"))
-#: a = 0.5 (square-root companding) is a guess between the small-check optima for Gaussian
-#: (a ≈ 0.62) and Laplace (a ≈ 0.5) data at 4 bits; ``algorithms.nupes.search_exponent``
+#: the named formats of this family, in the order ``lowbit formats`` lists them. The power
+#: presets' a = 0.5 (square-root companding) is a guess between the small-check optima for
+#: Gaussian (a ≈ 0.62) and Laplace (a ≈ 0.5) data at 4 bits; ``algorithms.nupes.search_exponent``
 #: finds a per-weight value.
-for _b in (3, 4, 5, 6, 8):
-    register_preset(PowerFormat(_b, 0.5))
+PRESETS = (CodebookFormat(NF4_VALUES, "nf4"), *(PowerFormat(b, 0.5) for b in (3, 4, 5, 6, 8)))

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
-from lowbit.formats.base import Format, QParams, ScaleRounding, absmax, register_preset, rounded, safe_scale
+from lowbit.formats.base import Format, QParams, ScaleRounding, absmax, rounded, safe_scale
 
 
 @dataclass(frozen=True)
@@ -167,8 +167,6 @@ def shrink(lo: Tensor, hi: Tensor, clip: float) -> tuple[Tensor, Tensor]:
     return mid - clip * half, mid + clip * half
 
 
-for _b in range(2, 9):
-    register_preset(IntFormat(_b, True))
-    register_preset(IntFormat(_b, True, narrow_range=True))
-    register_preset(IntFormat(_b, False, "int"))
-    register_preset(IntFormat(_b, False, "float"))
+#: the named formats of this family, in the order ``lowbit formats`` lists them
+PRESETS = tuple(fmt for b in range(2, 9) for fmt in (IntFormat(b, True), IntFormat(b, True, narrow_range=True),
+                                                      IntFormat(b, False, "int"), IntFormat(b, False, "float")))

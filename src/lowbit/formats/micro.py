@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
-from lowbit.formats.base import Format, QParams, ScaleRounding, absmax, register_preset, rounded, safe_scale
+from lowbit.formats.base import Format, QParams, ScaleRounding, absmax, rounded, safe_scale
 from lowbit.formats.float import FloatFormat
 
 _FLOAT_ELEMENTS = {
@@ -173,6 +173,5 @@ class NVFP4Format(Format):
         return self.lookup(codes) * s
 
 
-for _e in ELEMENTS:
-    register_preset(MXFormat(_e))
-register_preset(NVFP4Format())
+#: the named formats of this family, in the order ``lowbit formats`` lists them
+PRESETS = (*(MXFormat(e) for e in ELEMENTS), NVFP4Format())

@@ -16,9 +16,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from lowbit.models.blocks import find_blocks
 from lowbit.hf.load import _model_class, _tokenizer, transformers
-from lowbit.engine.weights import WeightSource, empty, fill, missing_keys
+from lowbit.hf.weights import WeightSource, empty, fill, missing_keys
+from lowbit.models.blocks import find_blocks
 
 
 @dataclass

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lowbit import grouping
 from lowbit.errors import LowbitError
 from lowbit.formats.base import Format, QParams
+from lowbit.grouping import from_blocks, regions, to_blocks
 from lowbit.quantizer import choose_qparams
 from lowbit.scheme import ActSpec
 from lowbit.spec import tile_of
@@ -53,10 +53,10 @@ def fake_quantize_dynamic(m: Tensor, spec: ActSpec) -> Tensor:
         return m.clone()
     gscale = fmt.global_scale(m)  # NVFP4's tensor-wide second level; None for other formats
     out = torch.empty_like(m)
-    for region in grouping.regions(tuple(m.shape), tile_of(qspec.granularity, *m.shape)):
-        blocks = grouping.to_blocks(m, region)  # (n_blocks, block_size)
+    for region in regions(tuple(m.shape), tile_of(qspec.granularity, *m.shape)):
+        blocks = to_blocks(m, region)  # (n_blocks, block_size)
         qp = choose_qparams(blocks, qspec, gscale)
-        grouping.from_blocks(fmt.dequantize(fmt.quantize(blocks, qp), qp), region, out)
+        from_blocks(fmt.dequantize(fmt.quantize(blocks, qp), qp), region, out)
     return out
 
 

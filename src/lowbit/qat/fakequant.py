@@ -37,9 +37,9 @@ import math
 import torch
 from torch import Tensor
 
-from lowbit import grouping
 from lowbit.errors import LowbitError
 from lowbit.formats.base import Format, QParams
+from lowbit.grouping import empty_grid, from_blocks, grid_put, grid_take, regions, to_blocks
 from lowbit.qtensor import round_scale, scale_storage
 from lowbit.quantizer import choose_qparams
 from lowbit.spec import QuantSpec, tile_of
@@ -146,17 +146,17 @@ def fake_quantize(m: Tensor, spec: QuantSpec, scale: Tensor | None = None, zero:
     if scale is None and global_scale is None:
         global_scale = spec.format.global_scale(m.detach())
     out = torch.empty((rows, cols), dtype=torch.float32, device=m.device)
-    for region in grouping.regions((rows, cols), tile):
-        blocks = grouping.to_blocks(m, region)  # (n_blocks, block_size)
+    for region in regions((rows, cols), tile):
+        blocks = to_blocks(m, region)  # (n_blocks, block_size)
         if scale is None:
             with torch.no_grad():
                 qp = choose_qparams(blocks.detach(), spec, global_scale)
-            grouping.from_blocks(fake_quantize_blocks(blocks, spec, qp), region, out)
+            from_blocks(fake_quantize_blocks(blocks, spec, qp), region, out)
             continue
-        s = grouping.grid_take(scale, region)  # (n_blocks, 1), carries the gradient
-        z = None if zero is None else grouping.grid_take(zero, region)
+        s = grid_take(scale, region)  # (n_blocks, 1), carries the gradient
+        z = None if zero is None else grid_take(zero, region)
         qp = QParams(store_scale(s, spec), z, global_scale)
-        grouping.from_blocks(fake_quantize_blocks(blocks, spec, qp, s), region, out)
+        from_blocks(fake_quantize_blocks(blocks, spec, qp, s), region, out)
     return out
 
 
@@ -167,13 +167,13 @@ def initial_qparams(m: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor | None, 
     tile = tile_of(spec.granularity, rows, cols)
     m = m.detach().to(torch.float32)
     gscale = spec.format.global_scale(m)
-    scale = grouping.empty_grid((rows, cols), tile).to(m.device)
-    zero = grouping.empty_grid((rows, cols), tile).to(m.device) if spec.format.zero_kind else None
-    for region in grouping.regions((rows, cols), tile):
-        qp = choose_qparams(grouping.to_blocks(m, region), spec, gscale)
-        grouping.grid_put(scale, region, qp.scale)
+    scale = empty_grid((rows, cols), tile).to(m.device)
+    zero = empty_grid((rows, cols), tile).to(m.device) if spec.format.zero_kind else None
+    for region in regions((rows, cols), tile):
+        qp = choose_qparams(to_blocks(m, region), spec, gscale)
+        grid_put(scale, region, qp.scale)
         if zero is not None:
-            grouping.grid_put(zero, region, qp.zero)
+            grid_put(zero, region, qp.zero)
     return scale, zero, gscale
 
 
@@ -185,8 +185,8 @@ def quantize_with(m: Tensor, spec: QuantSpec, scale: Tensor, zero: Tensor | None
     m = m.detach().to(torch.float32)
     stored = store_scale(scale, spec)
     codes = torch.empty((rows, cols), dtype=torch.uint8, device=m.device)
-    for region in grouping.regions((rows, cols), tile):
-        z = None if zero is None else grouping.grid_take(zero, region)
-        qp = QParams(grouping.grid_take(stored, region), z, global_scale)
-        grouping.from_blocks(spec.format.quantize(grouping.to_blocks(m, region), qp), region, codes)
+    for region in regions((rows, cols), tile):
+        z = None if zero is None else grid_take(zero, region)
+        qp = QParams(grid_take(stored, region), z, global_scale)
+        from_blocks(spec.format.quantize(to_blocks(m, region), qp), region, codes)
     return codes, stored

@@ -1,6 +1,6 @@
 """Weights read block by block from memory-mapped safetensors, so a model larger than RAM fits.
 
-The model is built on the meta device (``hf.stream.skeleton``); ``WeightSource`` knows which
+The model is built on the meta device (``hf.lazy.open_streamed``); ``WeightSource`` knows which
 file holds each tensor; ``fill(module, prefix)`` reads the module's tensors from the mapped
 files into fresh parameters (every owner of a tied parameter gets the same one) and
 ``empty(module)`` sends them back to the meta device, dropping the block's quantized tensors
