@@ -1,4 +1,8 @@
-"""The README's map of the code ("## Code layout") names every module of src/lowbit, and nothing else."""
+"""The README's map of the code ("## Code layout") names every module of src/lowbit, and nothing else.
+
+Methods are the exception: a method is one file under ``modifiers/`` (and maybe its pure function
+under ``algorithms/``) plus a registry line, and adding one must not mean editing the README, so
+files in those two folders may be left off the map (``lowbit methods`` lists the methods)."""
 from __future__ import annotations
 
 import re
@@ -27,6 +31,7 @@ def mapped() -> list[str]:
 
 def test_every_module_is_on_the_map_once():
     names = mapped()
-    assert sorted(tree() - set(names)) == [], "modules missing from the README's map of the code"
+    methods = {n for n in tree() if n.startswith(("modifiers/", "algorithms/")) and not n.endswith("/")}
+    assert sorted(tree() - methods - set(names)) == [], "modules missing from the README's map of the code"
     assert sorted(set(names) - tree()) == [], "the README's map names files that do not exist"
     assert sorted({n for n in names if names.count(n) > 1}) == []
