@@ -16,6 +16,7 @@ REGISTRY: dict[str, str] = {
     "nupes": "lowbit.modifiers.nupes:NUPES",
     "gptq": "lowbit.modifiers.gptq:GPTQ",
     "wanda": "lowbit.modifiers.wanda:Wanda",
+    "lsq": "lowbit.modifiers.lsq:LSQ",
 }
 
 
