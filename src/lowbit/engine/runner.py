@@ -33,6 +33,7 @@ from lowbit.engine.observe import eager_experts, observe
 from lowbit.engine.report import RunReport, StageReport
 from lowbit.engine.restore import block_payload, restore_block, restore_report
 from lowbit.engine.solve import solve_target
+from lowbit.memory import trim_heap
 from lowbit.models.blocks import check_uniform_layers, find_blocks
 from lowbit.modifiers import make
 from lowbit.modifiers.base import BlockData, Modifier
@@ -106,7 +107,7 @@ def calibrate(model: nn.Module, plan: list[Rule], method: Recipe | Modifier | st
                 run.mark_done(i)
             if streaming:
                 streaming.release(blocks[i])
-            _trim_heap()
+            trim_heap()  # the block's temporaries, and the float weights it replaced
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -238,17 +239,3 @@ def _propagate(block: nn.Module, calls: list, hidden: Generation, out: Generatio
         for j, call in enumerate(calls):
             out.append(call.run(block, hidden[j]))
     return out.finish()
-
-
-def _trim_heap() -> None:
-    """Give freed heap memory back to the OS after a block (glibc keeps it otherwise, and a
-    long run's resident memory creeps up by fragmentation). A no-op where glibc is absent."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
-
