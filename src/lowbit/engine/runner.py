@@ -29,7 +29,7 @@ from lowbit.engine.activations import Generation, nbytes
 from lowbit.engine.capture import catch_inputs
 from lowbit.engine.checkpoint import RunDir
 from lowbit.engine.dataless import check_pairs, run_data_free
-from lowbit.engine.observe import eager_experts, observe
+from lowbit.engine.observe import ObservedAll, eager_experts, observe, stop_early
 from lowbit.engine.report import RunReport, StageReport
 from lowbit.engine.restore import block_payload, restore_block, restore_report
 from lowbit.engine.solve import solve_target
@@ -152,10 +152,14 @@ def _has_stats(m: Modifier) -> bool:
 def _statistics(m: Modifier, block: nn.Module, calls: list, q_in: Generation, pairs: Pairs, modules: dict):
     """One pass of the block over the quantized model's inputs, accumulating each layer's statistics."""
     watched = [(t.key, modules[t.module_name], t.param, t.kind) for t, _ in pairs]
-    with torch.no_grad(), observe(watched, m.new_stats) as seen:
+    with torch.no_grad(), observe(watched, m.new_stats) as seen, stop_early(watched) as next_forward:
         for j, call in enumerate(calls):
-            call.run(block, q_in[j])
+            try:
+                call.run(block, q_in[j])
+            except ObservedAll:
+                pass  # every layer has its input; the rest of the block's output is not needed
             seen.reset()
+            next_forward()
     return seen
 
 
