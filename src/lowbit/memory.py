@@ -17,7 +17,7 @@ Two things keep a quantization run's resident memory above what it holds:
   per-layer temporaries freed below the buffers a run keeps stay resident (SmolLM2-135M,
   round-to-nearest: about 110 MiB by the end). ``trim_heap()`` calls ``malloc_trim(0)``, which
   releases free pages anywhere in the heap; ``HeapTrimmer`` calls it after every ``every`` bytes
-  of solved weights, bounding the waste at the cost of about a millisecond a call.
+  of solved weights, bounding the waste at the cost of a few milliseconds a call.
 
 Linux only (glibc for the heap); elsewhere both are no-ops.
 """
@@ -39,13 +39,17 @@ _dead: list[torch.UntypedStorage] = []  #: storages of dead tensors, not yet rel
 
 
 def release_when_dead(t: Tensor) -> None:
-    """When ``t`` is garbage, drop its file-backed pages if nothing else uses its storage.
+    """When ``t`` is garbage, drop its pages if they are a private file mapping's and nothing else
+    uses its storage; tensors in anonymous memory are left alone (and not held a moment longer).
 
     The pages go at the next ``release_dead()`` (called by ``nn.reference.attach``, by the
     runs' heap trims and after each block of a calibrated run), not while ``t`` is collected:
     the dying tensor still holds its storage at that moment.
     """
-    if _LINUX and t.device.type == "cpu" and t.untyped_storage().nbytes() >= 2 * mmap.PAGESIZE:
+    if not _LINUX or t.device.type != "cpu":
+        return
+    pages = _whole_pages(t.untyped_storage())
+    if pages is not None and _private_file_mapping(*pages):
         weakref.finalize(t, _dead.append, t.untyped_storage()).atexit = False
 
 
@@ -53,13 +57,17 @@ def release_dead() -> None:
     """Drop the file-backed pages of every storage whose tensor died since the last call."""
     while _dead:
         storage = _dead.pop()
-        if torch._C._storage_Use_Count(storage._cdata) != 1:  # another tensor still views these bytes
-            continue
-        start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside [start, end) only
-        last = end // mmap.PAGESIZE * mmap.PAGESIZE
-        if last > first and _private_file_mapping(first, last):
-            _call("madvise", first, last - first, MADV_DONTNEED)  # a failure only leaves them resident
+        pages = _whole_pages(storage)
+        if pages is not None and torch._C._storage_Use_Count(storage._cdata) == 1:  # no other tensor views them
+            _call("madvise", pages[0], pages[1] - pages[0], MADV_DONTNEED)  # a failure leaves them resident
+
+
+def _whole_pages(storage: torch.UntypedStorage) -> tuple[int, int] | None:
+    """[first, last) of the whole pages inside the storage's bytes, None when there are none."""
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = end // mmap.PAGESIZE * mmap.PAGESIZE
+    return (first, last) if last > first else None
 
 
 def trim_heap() -> None:
