@@ -136,3 +136,14 @@ def test_peak_rss_is_the_programs_own_not_its_parents():
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     del ballast
     assert 0 < child < parent - 300 * 2**20, (child, parent)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc only")
+def test_forecast_errs_high_on_a_tiny_run(tiny_llama_dir, tmp_path):
+    """--max-memory trusts the forecast: a fresh program's peak (VmHWM) stays under it."""
+    report = tmp_path / "numbers.json"
+    code = "import sys; from lowbit.cli import main; sys.argv = ['lowbit', *sys.argv[1:]]; main()"
+    subprocess.run([sys.executable, "-c", code, "quantize", str(tiny_llama_dir), "--out", str(tmp_path / "q"), *GPTQ,
+                    "--report", str(report)], capture_output=True, text=True, check=True)
+    numbers = json.loads(report.read_text())
+    assert 0 < numbers["peak_rss_bytes"] <= numbers["forecast_bytes"], numbers

@@ -71,6 +71,52 @@ def test_layers_sharing_an_input_share_one_statistics_pass():
     assert seen.layers["self_attn.q_proj"].n == 2 * 4 * 16  # each forward counted once, not three times
 
 
+def test_statistics_forwards_stop_after_the_last_layer_input_with_the_same_hessians():
+    """``stop_early`` skips what follows the last watched input (down_proj's own product) from
+    the second forward on; every Hessian is bit-identical to whole forwards'."""
+    from lowbit.algorithms._hessian import HessianStats
+    from lowbit.engine.observe import ObservedAll, observe, stop_early
+
+    model = build("llama")
+    block = model.model.layers[0]
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    targets = [(n, block.get_submodule(n), "weight", "linear") for n in names]
+    batches = token_batches(3)
+    ran = []
+    block.mlp.down_proj.register_forward_hook(lambda *a: ran.append(1))  # after down_proj's product
+
+    def gather(early: bool) -> dict:
+        with torch.no_grad(), observe(targets, HessianStats) as seen, stop_early(targets if early else []) as nxt:
+            for batch in batches:
+                try:
+                    model(batch)
+                except ObservedAll:
+                    pass
+                seen.reset()
+                nxt()
+        return {k: (v.H.clone(), v.n) for k, v in seen.layers.items()}
+
+    whole = gather(False)
+    assert len(ran) == 3
+    ran.clear()
+    cut = gather(True)
+    assert len(ran) == 1  # the first forward runs whole, the others stop before down_proj's product
+    assert whole.keys() == cut.keys()
+    for k in whole:
+        assert torch.equal(whole[k][0], cut[k][0]) and whole[k][1] == cut[k][1], k
+
+
+def test_statistics_forwards_run_whole_when_a_layer_runs_twice():
+    from lowbit.engine.observe import stop_early
+
+    lin = nn.Linear(4, 4)
+    with stop_early([("lin", lin, "weight", "linear")]) as nxt:
+        for _ in range(3):
+            lin(lin(torch.randn(2, 4)))  # called twice per forward: no cut, ever
+            nxt()
+
+
 def test_expert_statistics_match_the_tokens_each_expert_was_routed():
     """Per-expert Hessians equal those built from the router's own top-k choice, by hand."""
     from lowbit.algorithms._hessian import HessianStats

@@ -47,7 +47,7 @@ from math import isfinite
 import torch
 from torch import Tensor
 
-from lowbit.algorithms._hessian import MAX_DAMP, dead_columns, inverse_cholesky
+from lowbit.algorithms._hessian import MAX_DAMP, dead_columns, inverse_cholesky, one_thread
 from lowbit.errors import LowbitError
 from lowbit.formats.base import QParams
 from lowbit.grouping import empty_grid, grid_put, regions, to_blocks
@@ -258,7 +258,7 @@ def _column_loop(W: Tensor, Hinv: Tensor, qps: _Qparams, spec: QuantSpec, block:
         W1 = WT[i1:i2]  # (b, rows): the block, kept up to date column by column (a view)
         Hinv1 = Hinv[i1:i2, i1:i2]  # (b, b)
         Err1 = torch.empty_like(W1)  # (b, rows) scaled errors e_j
-        with _one_thread(W.device):  # tiny per-column ops: thread sync costs more than it saves
+        with one_thread(W.device):  # tiny per-column ops: thread sync costs more than it saves
             for i in range(i2 - i1):
                 j = i1 + i
                 if group and j % group == 0:
@@ -272,26 +272,3 @@ def _column_loop(W: Tensor, Hinv: Tensor, qps: _Qparams, spec: QuantSpec, block:
         loss += Err1.double().square().sum()
         WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1.0)  # lazy update of the later columns
     return codesT.T.contiguous(), float(loss) / 2
-
-
-class _one_thread:
-    """Run the per-column steps on one CPU thread, then restore the thread count.
-
-    Each column touches a few thousand numbers; with several intra-op threads the fork/join of
-    every small op dominates, and on a busy machine spinning threads make it far worse (measured:
-    2-5x slower with 2 threads under load). The lazy block updates (large matmuls) keep every
-    thread. Elementwise results do not depend on the thread count, so codes are unchanged.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.cpu = device.type == "cpu"
-        self.saved = 1
-
-    def __enter__(self) -> None:
-        if self.cpu:
-            self.saved = torch.get_num_threads()
-            torch.set_num_threads(1)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.cpu:
-            torch.set_num_threads(self.saved)

@@ -6,6 +6,7 @@ import time
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.memory import HeapTrimmer, trim_heap
 from lowbit.nn.reference import attach
 from lowbit.engine.report import RunReport, StageReport
 from lowbit.errors import LowbitError
@@ -23,6 +24,7 @@ def run_data_free(model: nn.Module, recipe: Recipe, per_stage: list[Pairs], prog
     """
     check_pairs(model, [p for pairs in per_stage for p in pairs])  # refuse bad input before any change
     report = RunReport()
+    trimmer = HeapTrimmer()
     t_run = time.perf_counter()
     for stage, pairs in zip(recipe.stages, per_stage):
         m = stage.modifier
@@ -43,11 +45,13 @@ def run_data_free(model: nn.Module, recipe: Recipe, per_stage: list[Pairs], prog
             if solved is None:
                 continue
             sr.done += 1
+            trimmer.solved(w.numel() * w.element_size())
             if solved.qtensor is not None:
                 weight = getattr(module, target.param)
                 for owner, pname in twins:
                     attach(owner, pname, solved.qtensor, solved.dtype, weight)
         sr.seconds = time.perf_counter() - t0
+    trim_heap()
     report.seconds = time.perf_counter() - t_run
     return report
 

@@ -151,3 +151,47 @@ class eager_experts:
     def __exit__(self, *exc: object) -> None:
         if self.saved is not None:
             self.model.set_experts_implementation(self.saved)
+
+
+class ObservedAll(Exception):
+    """Raised inside a block's forward once every watched layer has seen its input (``stop_early``)."""
+
+
+@contextmanager
+def stop_early(targets: list[tuple[str, nn.Module, str, str]]) -> Iterator[Callable[[], None]]:
+    """Cut a statistics forward short once every target layer has received its input.
+
+    Yields ``next_forward``: call it after each forward. The block's output is not needed while gathering statistics, so whatever runs after the last
+    watched layer's input exists (that layer's own product, e.g. ``down_proj``: a quarter of a
+    Llama block's multiply-adds, and the residual add) is skipped: a forward pre-hook raises
+    ``ObservedAll``, which the caller catches. Enter it inside ``observe`` (its hooks must
+    run first). The first forward always runs whole and shows which layers run: cutting is
+    enabled only when it called every target module exactly once and no fused-expert tensor
+    is watched (whose calls, like a routed expert's, vary with the data).
+    """
+    modules = [module for _key, module, _param, kind in targets if kind == "linear"]
+    if len(modules) != len(targets) or not modules:
+        yield lambda: None
+        return
+    first: dict[int, int] = {}  # id(module) -> calls in the first forward
+    now: set[int] = set()  # modules called in the current forward
+    state = {"forward": 0}
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        if state["forward"] == 0:
+            first[id(module)] = first.get(id(module), 0) + 1
+            return
+        now.add(id(module))
+        if len(now) == len(modules) and all(n == 1 for n in first.values()) and len(first) == len(modules):
+            raise ObservedAll
+
+    def next_forward() -> None:
+        state["forward"] += 1
+        now.clear()
+
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    try:
+        yield next_forward
+    finally:
+        for h in handles:
+            h.remove()

@@ -29,10 +29,11 @@ from lowbit.engine.activations import Generation, nbytes
 from lowbit.engine.capture import catch_inputs
 from lowbit.engine.checkpoint import RunDir
 from lowbit.engine.dataless import check_pairs, run_data_free
-from lowbit.engine.observe import eager_experts, observe
+from lowbit.engine.observe import ObservedAll, eager_experts, observe, stop_early
 from lowbit.engine.report import RunReport, StageReport
 from lowbit.engine.restore import block_payload, restore_block, restore_report
 from lowbit.engine.solve import solve_target
+from lowbit.memory import trim_heap
 from lowbit.models.blocks import check_uniform_layers, find_blocks
 from lowbit.modifiers import make
 from lowbit.modifiers.base import BlockData, Modifier
@@ -106,7 +107,7 @@ def calibrate(model: nn.Module, plan: list[Rule], method: Recipe | Modifier | st
                 run.mark_done(i)
             if streaming:
                 streaming.release(blocks[i])
-            _trim_heap()
+            trim_heap()  # the block's temporaries, and the float weights it replaced
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -151,10 +152,14 @@ def _has_stats(m: Modifier) -> bool:
 def _statistics(m: Modifier, block: nn.Module, calls: list, q_in: Generation, pairs: Pairs, modules: dict):
     """One pass of the block over the quantized model's inputs, accumulating each layer's statistics."""
     watched = [(t.key, modules[t.module_name], t.param, t.kind) for t, _ in pairs]
-    with torch.no_grad(), observe(watched, m.new_stats) as seen:
+    with torch.no_grad(), observe(watched, m.new_stats) as seen, stop_early(watched) as next_forward:
         for j, call in enumerate(calls):
-            call.run(block, q_in[j])
+            try:
+                call.run(block, q_in[j])
+            except ObservedAll:
+                pass  # every layer has its input; the rest of the block's output is not needed
             seen.reset()
+            next_forward()
     return seen
 
 
@@ -238,17 +243,3 @@ def _propagate(block: nn.Module, calls: list, hidden: Generation, out: Generatio
         for j, call in enumerate(calls):
             out.append(call.run(block, hidden[j]))
     return out.finish()
-
-
-def _trim_heap() -> None:
-    """Give freed heap memory back to the OS after a block (glibc keeps it otherwise, and a
-    long run's resident memory creeps up by fragmentation). A no-op where glibc is absent."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
-

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
 from lowbit.nn.activation import quantize_input
+from lowbit.memory import release_dead, release_when_dead
 from lowbit.nn.quant_linear import QuantLinear
 from lowbit.qtensor import QuantizedTensor
 
@@ -64,8 +65,9 @@ def attach(module: nn.Module, param: str, qt: QuantizedTensor, dtype: torch.dtyp
         weight = None
     if qt.input is not None:
         _check_input_owner(module, param, qt)
+    release_dead()  # the weights earlier calls replaced
     if param in module._parameters:
-        del module._parameters[param]
+        release_when_dead(module._parameters.pop(param))  # a checkpoint's mapped pages go with it
     weight = qt.dequantize(dtype) if weight is None else weight
     module.register_buffer(param, weight, persistent=False)
     module.__dict__.setdefault(_QTENSORS, {})[param] = qt
