@@ -15,6 +15,7 @@ REGISTRY: dict[str, str] = {
     "hqq": "lowbit.modifiers.hqq:HQQ",
     "nupes": "lowbit.modifiers.nupes:NUPES",
     "gptq": "lowbit.modifiers.gptq:GPTQ",
+    "smoothquant": "lowbit.modifiers.smoothquant:SmoothQuant",
 }
 
 
