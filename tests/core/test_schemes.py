@@ -32,8 +32,8 @@ def test_every_activation_preset_parses_and_round_trips(name):
 
 def test_w8a8_is_int8_channel_weights_and_dynamic_per_token_int8_inputs():
     s = parse_tensor_scheme("w8a8")
-    assert s.weight == parse_scheme("int8:channel")
-    assert s.input == ActSpec(get_format("int8"), "token", None, True, "minmax")
+    assert s.weight == parse_scheme("int8_narrow:channel")  # codes ±127, scale absmax/127, as vLLM's int8 kernels
+    assert s.input == ActSpec(get_format("int8_narrow"), "token", None, True, "minmax")
     assert s.sparsity is None
     static = parse_tensor_scheme("w8a8-static").input
     assert static.granularity == "tensor" and not static.dynamic

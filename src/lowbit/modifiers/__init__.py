@@ -17,6 +17,7 @@ REGISTRY: dict[str, str] = {
     "gptq": "lowbit.modifiers.gptq:GPTQ",
     "wanda": "lowbit.modifiers.wanda:Wanda",
     "lsq": "lowbit.modifiers.lsq:LSQ",
+    "smoothquant": "lowbit.modifiers.smoothquant:SmoothQuant",
 }
 
 
