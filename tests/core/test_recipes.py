@@ -38,11 +38,11 @@ def test_method_string_gives_one_stage_per_method_with_its_options():
 @pytest.mark.parametrize("text,options,match", [
     ("rtn+", {}, "empty part"),
     ("rtn", {"damp": 0.1}, "option damp belongs to none of the methods 'rtn'"),
-    ("gptq", {"dampp": 0.1}, None),
+    ("gptq", {"dampp": 0.1}, "option dampp belongs to none of the methods 'gptq'"),
     ("sparsegpt", {}, "unknown method 'sparsegpt'"),
 ])
 def test_method_string_refusals(text, options, match):
-    with pytest.raises(LowbitError, match=match or "belongs to none"):
+    with pytest.raises(LowbitError, match=match):
         from_methods(text, options)
 
 

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from cli_kill import KILL_AFTER_FIRST_BLOCK, files  # noqa: E402
+
 GPTQ = ("--method", "gptq", "--scheme", "uint4:g32", "--samples", "4", "--seq-len", "32", "--batch-size", "2")
-
-
-def files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def test_gptq_cli_streams_saves_and_reloads(run, tiny_llama_dir, tmp_path):
@@ -56,20 +55,6 @@ def test_streamed_run_equals_in_memory_run(run, tiny_llama_dir, tmp_path):
     assert streamed.keys() == memory.keys()
     for k in memory:
         assert torch.equal(streamed[k], memory[k]), k
-
-
-KILL_AFTER_FIRST_BLOCK = """
-import os, signal, sys
-from lowbit.engine import checkpoint
-done = checkpoint.RunDir.mark_done
-def mark_done(self, block):
-    done(self, block)
-    os.kill(os.getpid(), signal.SIGKILL)
-checkpoint.RunDir.mark_done = mark_done
-from lowbit.cli import main
-sys.argv = ["lowbit", *sys.argv[1:]]
-main()
-"""
 
 
 def test_kill_9_then_resume_gives_identical_bytes(run, tiny_llama_dir, tmp_path):

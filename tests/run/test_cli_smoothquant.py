@@ -12,23 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from cli_kill import KILL_AFTER_FIRST_BLOCK, files  # noqa: E402
+
 SQ = ("--method", "smoothquant+rtn", "--scheme", "w8a8", "--samples", "4", "--seq-len", "32", "--batch-size", "2")
-KILL_AFTER_FIRST_BLOCK = """
-import os, signal, sys
-from lowbit.engine import checkpoint
-done = checkpoint.RunDir.mark_done
-def mark_done(self, block):
-    done(self, block)
-    os.kill(os.getpid(), signal.SIGKILL)
-checkpoint.RunDir.mark_done = mark_done
-from lowbit.cli import main
-sys.argv = ["lowbit", *sys.argv[1:]]
-main()
-"""
-
-
-def files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,8 @@ from lowbit.schemes import parse_scheme, parse_tensor_scheme
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
 import families  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))
+from cli_kill import KILL_AFTER_FIRST_BLOCK, files  # noqa: E402
 
 LSQ_CLI = ("--scheme", "uint4:g32", "--samples", "4", "--seq-len", "32", "--batch-size", "2")
 
@@ -184,10 +186,6 @@ def test_bad_options_and_stacking_on_a_quantized_layer_are_refused():
                   progress=False)
 
 
-def files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
 def test_cli_method_and_recipe_give_the_same_bytes(run, tiny_llama_dir, tmp_path):
     by_method = run("quantize", str(tiny_llama_dir), "--out", str(tmp_path / "m"), "--method", "lsq",
                     "--steps", "3", "--lr", "0.02", *LSQ_CLI)
@@ -201,20 +199,6 @@ def test_cli_method_and_recipe_give_the_same_bytes(run, tiny_llama_dir, tmp_path
     assert files(tmp_path / "m") == files(tmp_path / "r")
     blocks = json.loads((tmp_path / "report.json").read_text())["stages"][0]["blocks"]
     assert len(blocks) == 2 and all(b["steps"] == 3 and b["loss_after"] <= b["loss_before"] for b in blocks)
-
-
-KILL_AFTER_FIRST_BLOCK = """
-import os, signal, sys
-from lowbit.engine import checkpoint
-done = checkpoint.RunDir.mark_done
-def mark_done(self, block):
-    done(self, block)
-    os.kill(os.getpid(), signal.SIGKILL)
-checkpoint.RunDir.mark_done = mark_done
-from lowbit.cli import main
-sys.argv = ["lowbit", *sys.argv[1:]]
-main()
-"""
 
 
 def test_kill_9_then_resume_gives_identical_bytes(run, tiny_llama_dir, tmp_path):
