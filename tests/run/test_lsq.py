@@ -19,6 +19,7 @@ from lowbit.modifiers import make
 from lowbit.models.targets import default_plan
 from lowbit.nn.reference import quantized_tensors
 from lowbit.recipe import Recipe, Stage
+from lowbit.recipe.plan import plan_recipe
 from lowbit.scheme import Rule
 from lowbit.schemes import parse_scheme, parse_tensor_scheme
 
@@ -164,6 +165,12 @@ def test_fused_experts_are_rounded_to_nearest_and_reported(single_thread):
     rounded = [k for b in report.stages[0].blocks for k in b.get("rounded_to_nearest", [])]
     assert rounded and all(".experts." in k for k in rounded)
     assert {n for n, *_ in quantized_tensors(model)} >= {k.rpartition(".")[0] for k in rounded}
+
+
+def test_formats_without_a_learnable_scale_are_refused_at_planning():
+    model = tiny_llama()
+    with pytest.raises(LowbitError, match=r"stage 1 \(lsq\): method lsq: cannot learn the scale of mxfp4"):
+        plan_recipe(model, Recipe((Stage(make("lsq")),)), default_plan(model, parse_scheme("mxfp4")))
 
 
 def test_formats_without_a_learnable_scale_are_refused_before_any_change():

@@ -76,23 +76,28 @@ def keep_mask(score: Tensor, sparsity: SparsitySpec) -> Tensor:
     exactly ``n`` kept in every (row, run of ``m`` columns). channel sparsity is not per row and
     is refused.
     """
+    check_sparsity(sparsity)
     rows, cols = score.shape
     if sparsity.kind == "unstructured":
         drop = round(cols * sparsity.ratio)
         order = torch.sort(score, dim=1, stable=True).indices[:, :drop]  # (rows, drop) lowest first
         return torch.ones(rows, cols, dtype=torch.bool, device=score.device).scatter_(1, order, False)
-    if sparsity.kind == "nm":
-        n, m = sparsity.n, sparsity.m
-        if cols % m:
-            raise LowbitError(f"N:M sparsity {n}:{m} needs the input width to be a multiple of {m}, but this "
-                              f"layer has {cols} inputs; leave it out of the plan or use unstructured sparsity")
-        runs = score.reshape(rows, cols // m, m)  # (rows, runs, m)
-        order = torch.sort(runs, dim=2, stable=True).indices[:, :, :m - n]  # (rows, runs, m - n) lowest first
-        keep = torch.ones_like(runs, dtype=torch.bool).scatter_(2, order, False)
-        return keep.reshape(rows, cols)
-    raise LowbitError(f"{sparsity.kind} sparsity removes whole input channels, which a per-row selection does "
-                      "not do (structured pruning is a method of its own); use unstructured (s=50%) or N:M "
-                      "(s=2:4) sparsity")
+    n, m = sparsity.n, sparsity.m  # N:M
+    if cols % m:
+        raise LowbitError(f"N:M sparsity {n}:{m} needs the input width to be a multiple of {m}, but this "
+                          f"layer has {cols} inputs; leave it out of the plan or use unstructured sparsity")
+    runs = score.reshape(rows, cols // m, m)  # (rows, runs, m)
+    order = torch.sort(runs, dim=2, stable=True).indices[:, :, :m - n]  # (rows, runs, m - n) lowest first
+    keep = torch.ones_like(runs, dtype=torch.bool).scatter_(2, order, False)
+    return keep.reshape(rows, cols)
+
+
+def check_sparsity(sparsity: SparsitySpec) -> None:
+    """Raise ``LowbitError`` for a sparsity a per-row selection cannot make (channel sparsity)."""
+    if sparsity.kind not in ("unstructured", "nm"):
+        raise LowbitError(f"{sparsity.kind} sparsity removes whole input channels, which a per-row selection does "
+                          "not do (structured pruning is a method of its own); use unstructured (s=50%) or N:M "
+                          "(s=2:4) sparsity")
 
 
 def wanda(W: Tensor, norms: Tensor, sparsity: SparsitySpec) -> tuple[Tensor, Tensor]:

@@ -96,6 +96,13 @@ class LSQ(Modifier):
             if not isinstance(value, (int, float)) or not value > 0:
                 raise LowbitError(f"lsq {name} must be a positive number, got {value!r}")
 
+    def check_scheme(self, scheme: TensorScheme) -> None:
+        """Refuse, at planning, a weight format whose scale LSQ cannot learn (MX, binary)."""
+        try:
+            check_learnable(scheme.weight, "method lsq")
+        except LowbitError as e:
+            raise LowbitError(f"{e}; or quantize these layers with rtn or gptq (a recipe stage with targets)") from None
+
     def solve_block(self, block: nn.Module, data: BlockData) -> dict[str, Any] | None:
         """Learn the scales of ``data.layers`` on this block, then attach their QuantizedTensors.
 
@@ -187,11 +194,6 @@ def _wrap(block: nn.Module, layers: list) -> tuple[list[_Wrapped], list[str]]:
         if target.kind != "linear" or not name:
             rounded.append(key)
             continue
-        try:
-            check_learnable(scheme.weight, key)
-        except LowbitError as e:
-            raise LowbitError(f"method lsq: {e}; or quantize these layers with rtn or gptq "
-                              "(a recipe stage with targets)") from None
         todo.append((name, key, module, target.layout, scheme))
     made = []
     for name, key, module, layout, scheme in todo:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from lowbit.algorithms.wanda import ColumnSquares, wanda
+from lowbit.algorithms.wanda import ColumnSquares, check_sparsity, wanda
 from lowbit.errors import LowbitError
 from lowbit.modifiers.base import LayerResult, Modifier
 from lowbit.scheme import TensorScheme
@@ -28,6 +28,11 @@ class Wanda(Modifier):
     requires = frozenset({"sparsity"})
     produces = frozenset({"sparsity"})
     changes_float = True
+
+    def check_scheme(self, scheme: TensorScheme) -> None:
+        """Refuse channel sparsity before any block runs (the per-row selection cannot make it)."""
+        if scheme.sparsity is not None:
+            check_sparsity(scheme.sparsity)
 
     def new_stats(self, cols: int) -> ColumnSquares:
         return ColumnSquares(cols)
