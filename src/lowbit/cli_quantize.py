@@ -149,9 +149,14 @@ def _stage_numbers(report: Any) -> list[dict]:
              "seconds": round(s.seconds, 3), "blocks": s.blocks} for s in report.stages]
 
 
+def _bits(bits: float | None) -> str:
+    """Bits per quantized weight, or what a run without quantized tensors (pruning only) stored."""
+    return "float" if bits is None else f"{bits:.3f}"
+
+
 def _print_table(console: Console, numbers: dict) -> None:
     table = Table("model", "scheme", "method", "bits/weight", "size on disk", "seconds")
-    table.add_row(numbers["model"], numbers["scheme"], numbers["method"], f"{numbers['bits_per_weight'] or 0:.3f}",
+    table.add_row(numbers["model"], numbers["scheme"], numbers["method"], _bits(numbers["bits_per_weight"]),
                   mib(numbers["bytes"]), f"{numbers['quantize_seconds']:.1f}")
     console.print(table)
     console.print(f"saved to {numbers['out']}")

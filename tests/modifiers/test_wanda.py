@@ -3,6 +3,7 @@ through the engine (tiny Llama): masks recorded, prune-then-quantize, save/load,
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -232,6 +233,7 @@ def test_cli_method_and_recipe_give_the_same_folder(run, tiny_llama_dir, tmp_pat
     r = run("quantize", str(tiny_llama_dir), "--scheme", "s=50%", "--method", "wanda", "--out", str(by_method), *RUN)
     assert r.returncode == 0, r.stderr
     assert "rounded to nearest" not in r.stdout
+    assert re.search(r"│ float +│", r.stdout) and "0.000" not in r.stdout  # pruned, not quantized
     recipe = tmp_path / "wanda.yaml"
     recipe.write_text("stages:\n  - method: wanda\n    scheme: s=50%\n")
     by_recipe = tmp_path / "r"

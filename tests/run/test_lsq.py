@@ -165,6 +165,11 @@ def test_fused_experts_are_rounded_to_nearest_and_reported(single_thread):
     rounded = [k for b in report.stages[0].blocks for k in b.get("rounded_to_nearest", [])]
     assert rounded and all(".experts." in k for k in rounded)
     assert {n for n, *_ in quantized_tensors(model)} >= {k.rpartition(".")[0] for k in rounded}
+    assert sorted(f.partition(":")[0] for f in report.fallbacks) == sorted(rounded)
+    assert all("lsq cannot solve a experts tensor, rounded to nearest" in f for f in report.fallbacks)
+    solved = {r["key"] for r in report.layers}
+    assert solved and not solved & set(rounded) and all(r["solve"] == "block" for r in report.layers)
+    assert dict(report.rows())["layers solved"] == str(len(solved))
 
 
 def test_formats_without_a_learnable_scale_are_refused_at_planning():
@@ -198,6 +203,7 @@ def test_cli_method_and_recipe_give_the_same_bytes(run, tiny_llama_dir, tmp_path
                     "--steps", "3", "--lr", "0.02", *LSQ_CLI)
     assert by_method.returncode == 0, by_method.stderr
     assert "14 of 14 layers" in by_method.stdout and "rounded to nearest" not in by_method.stdout
+    assert "layers solved │ 14" in by_method.stdout
     recipe = tmp_path / "lsq.yaml"
     recipe.write_text("stages:\n  - method: lsq\n    steps: 3\n    lr: 0.02\n")
     by_recipe = run("quantize", str(tiny_llama_dir), "--out", str(tmp_path / "r"), "--recipe", str(recipe),

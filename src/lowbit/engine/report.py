@@ -36,7 +36,7 @@ class RunReport:
     def rows(self) -> list[tuple[str, str]]:
         """Summary lines: blocks, each stage, raised dampening, fallbacks."""
         rows = [("blocks", str(self.blocks))] if self.blocks else []
-        rows.append(("layers solved", str(len(self.layers))))
+        rows.append(("layers solved", str(len({r["key"] for r in self.layers}))))
         rows += [("stage " + str(i + 1), ": ".join(s.row())) for i, s in enumerate(self.stages)]
         if self.resumed_from:
             rows.append(("resumed at block", str(self.resumed_from)))

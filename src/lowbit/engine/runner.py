@@ -120,9 +120,10 @@ def _run_stage(model: nn.Module, block: nn.Module, stage: Stage, sr: StageReport
     modules = dict(model.named_modules())
     if data is not None:
         data.layers = [(t.key, modules[t.module_name], t.param, s) for t, s in pairs]
-        info = m.solve_block(block, data)
+        info = m.solve_block(block, data) or {}
         if info:
             sr.blocks.append(info)
+        _block_lines(m, pairs, info, report)
     solved = []
     if m.has_layer_solve and pairs:
         seen = _statistics(m, block, calls, q_in, pairs, modules) if _has_stats(m) else None
@@ -143,6 +144,17 @@ def _run_stage(model: nn.Module, block: nn.Module, stage: Stage, sr: StageReport
         sr.done += len(pairs)
     sr.seconds += time.perf_counter() - t0
     return solved
+
+
+def _block_lines(m: Modifier, pairs: Pairs, info: dict, report: RunReport) -> None:
+    """A block solve's report lines: one layer record per tensor it solved, a fallback line per
+    tensor it rounded to nearest instead (the keys its report lists under ``rounded_to_nearest``)."""
+    rounded = set(info.get("rounded_to_nearest", ()))
+    for target, _ in pairs:
+        if target.key in rounded:
+            report.fallbacks.append(f"{target.key}: {m.name} cannot solve a {target.kind} tensor, rounded to nearest")
+        else:
+            report.layers.append({"key": target.key, "method": m.name, "solve": "block"})
 
 
 def _has_stats(m: Modifier) -> bool:

@@ -122,7 +122,11 @@ class Modifier:
         return None
 
     def solve_block(self, block: nn.Module, data: BlockData) -> dict[str, Any] | None:
-        """Change ``block`` in place; returns report numbers or None. Default: nothing."""
+        """Change ``block`` in place; returns report numbers or None. Default: nothing.
+
+        Keys of ``data.layers`` listed under ``rounded_to_nearest`` in the returned numbers are
+        reported as fallbacks; every other layer of ``data.layers`` counts as solved.
+        """
         return None
 
     def memory(self, layers: tuple[tuple[int, int], ...]) -> int:
