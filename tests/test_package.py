@@ -27,3 +27,9 @@ def test_three_lines_of_python(tmp_path):
     lowbit.save(model, tmp_path / "m")
     fresh = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
     assert torch.equal(lowbit.load(tmp_path / "m", model=fresh, packed=False)(x), model(x))
+
+
+def test_python_dash_m_lowbit_is_the_cli():
+    r = subprocess.run([sys.executable, "-m", "lowbit", "methods"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "gptq" in r.stdout and "wanda" in r.stdout

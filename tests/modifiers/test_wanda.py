@@ -285,3 +285,49 @@ def test_cli_streamed_run_resumed_gives_identical_bytes(run, tiny_llama_dir, tmp
     assert names and names == sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors")
     for name in names:
         assert (ref / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_fused_experts_are_pruned_expert_by_expert_and_idle_experts_left_dense():
+    from lowbit.algorithms.wanda import ColumnSquares
+    from lowbit.engine.report import RunReport
+    from lowbit.engine.solve import solve_target
+    from lowbit.models.targets import targets
+
+    torch.manual_seed(0)
+    model = families.mixtral().eval()
+    target = next(t for t in targets(model) if t.kind == "experts" and t.key.endswith("down_proj"))
+    module = model.get_submodule(target.module_name)
+    before = getattr(module, target.param).detach().clone()  # (E, out, in)
+    g = torch.Generator().manual_seed(1)
+    stats, inputs = {}, {}
+    for e in (0, 2):  # experts 1 and 3 saw no token
+        inputs[e] = torch.randn(7, before.shape[2], generator=g)
+        stats[e] = ColumnSquares(before.shape[2])
+        stats[e].update(inputs[e])
+    report = RunReport()
+    solve_target(make("wanda"), target, module, TensorScheme(sparsity=TWO_FOUR), stats, report)
+    after, keep = getattr(module, target.param).detach(), float_masks(module)[target.param]
+    for e in (0, 2):
+        expected = slow_keep(before[e].abs() * inputs[e].double().pow(2).sum(0).sqrt().float(), TWO_FOUR)
+        assert torch.equal(keep[e], expected), e
+        assert torch.equal(after[e], before[e] * expected), e
+    for e in (1, 3):
+        assert torch.equal(after[e], before[e]) and bool(keep[e].all()), e
+    assert report.fallbacks == [f"{target.key}: experts [1, 3] saw no calibration token, left as they are"]
+    assert sorted(r["key"] for r in report.layers) == [f"{target.key}[0]", f"{target.key}[2]"]
+
+
+def test_fused_experts_pruned_then_quantized_keep_their_masks(tmp_path):
+    torch.manual_seed(0)
+    model = families.mixtral().eval()
+    lowbit.quantize(model, "uint4:g16+s=50%", method="wanda+rtn", calib=windows(), progress=False)
+    experts = [(n, p, qt) for n, p, qt, _ in quantized_tensors(model) if ".experts" in n]
+    assert len(experts) == 4
+    for name, param, qt in experts:
+        assert qt.mask is not None and qt.mask.dim() == 3, name
+        w = qt.dequantize(torch.float32)  # (E, out, in)
+        assert torch.equal(w[~qt.mask], torch.zeros(int((~qt.mask).sum()))), name
+        assert int((~qt.mask).sum()) == qt.mask.numel() // 2, name  # half of every row, in every expert
+    lowbit.save(model, tmp_path / "q")
+    again = {(n, p): qt for n, p, qt, _ in quantized_tensors(lowbit.load(tmp_path / "q", packed=False))}
+    assert all(torch.equal(again[(n, p)].mask, qt.mask) for n, p, qt in experts)

@@ -87,12 +87,14 @@ def apply_result(module: nn.Module, target: Target, w: Tensor, result: LayerResu
 
 
 def _solve_experts(modifier: Modifier, target: Target, w: Tensor, full: Tensor, scheme: TensorScheme,
-                   stats: dict[int, Any], report: Any) -> LayerResult:
-    """Fused experts (E, out, in): each expert solved with its own statistics, then stacked."""
-    spec = scheme.weight
+                   stats: dict[int, Any], report: Any) -> LayerResult | None:
+    """Fused experts (E, out, in), ``full`` their (E·out, in) view: each expert solved with its own
+    statistics, then stacked. A quantizing method's idle experts (no routed token) are rounded to
+    nearest; a pruning method leaves them as they are. Both are reported as fallbacks."""
     n_exp, out = w.shape[0], w.shape[1]
-    if spec is None:
-        raise LowbitError(f"{target.key}: fused expert tensors can only be quantized, not pruned, for now")
+    if "weight" not in modifier.produces:
+        return _prune_experts(modifier, target, full, out, n_exp, scheme, stats, report)
+    spec = scheme.weight
     tr, _ = tile_of(spec.granularity, *full.shape)
     if out % tr:
         raise LowbitError(f"{target.key}: tiles of {tr} rows straddle experts of {out} rows; "
@@ -102,13 +104,44 @@ def _solve_experts(modifier: Modifier, target: Target, w: Tensor, full: Tensor, 
     for e in range(n_exp):
         m = full[e * out:(e + 1) * out]  # (out, in)
         r = modifier.solve_layer(m, stats[e], scheme, f"{target.key}[{e}]", gscale) if e in stats else None
-        if r is not None and r.quantized and r.spec == spec:
-            report.layers.append({"key": f"{target.key}[{e}]", "method": modifier.name, **r.info})
-            parts.append((r.codes, r.scale, r.zero))
-        else:
+        if r is None:
             parts.append(quantize_matrix(m, spec, gscale))
             idle.append(e)
+            continue
+        if not r.quantized or r.spec != spec:
+            raise LowbitError(f"{target.key}[{e}]: method {modifier.name} returned "
+                              f"{'a different spec' if r.quantized else 'no codes'} for one expert of a fused "
+                              "tensor, whose experts must share one spec")
+        report.layers.append({"key": f"{target.key}[{e}]", "method": modifier.name, **r.info})
+        parts.append((r.codes, r.scale, r.zero))
     if idle:
         report.fallbacks.append(f"{target.key}: experts {idle} saw no calibration token, rounded to nearest")
     zero = None if parts[0][2] is None else torch.cat([p[2] for p in parts])
     return LayerResult(spec, torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), zero, gscale)
+
+
+def _prune_experts(modifier: Modifier, target: Target, full: Tensor, out: int, n_exp: int, scheme: TensorScheme,
+                   stats: dict[int, Any], report: Any) -> LayerResult | None:
+    """A pruning method on fused experts: per expert, its float weight and keep-mask, stacked to
+    (E·out, in); experts without tokens stay dense (mask all True). None if no expert changed."""
+    weights, masks, idle, changed = [], [], [], 0
+    for e in range(n_exp):
+        m = full[e * out:(e + 1) * out]  # (out, in)
+        r = modifier.solve_layer(m, stats[e], scheme, f"{target.key}[{e}]") if e in stats else None
+        if r is not None and r.quantized:
+            raise LowbitError(f"{target.key}[{e}]: method {modifier.name} does not produce a weight spec, "
+                              "yet it returned codes")
+        if r is None:
+            idle += [] if e in stats else [e]  # an expert the method left alone is not a fallback
+            weights.append(m)
+            masks.append(torch.ones(m.shape, dtype=torch.bool, device=m.device))
+            continue
+        report.layers.append({"key": f"{target.key}[{e}]", "method": modifier.name, **r.info})
+        changed += 1
+        weights.append(r.weight)
+        masks.append(r.mask if r.mask is not None else torch.ones(m.shape, dtype=torch.bool, device=m.device))
+    if idle:
+        report.fallbacks.append(f"{target.key}: experts {idle} saw no calibration token, left as they are")
+    if not changed:
+        return None
+    return LayerResult(weight=torch.cat(weights), mask=torch.cat(masks))

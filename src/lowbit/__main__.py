@@ -1,0 +1,4 @@
+"""``python -m lowbit``: the same command line as ``lowbit``."""
+from lowbit.cli import main
+
+main()
