@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.manifest import record_recipe
 from lowbit.models.targets import default_plan
 from lowbit.modifiers.base import Modifier
 from lowbit.recipe.recipe import Recipe, from_methods
@@ -75,6 +76,7 @@ def quantize(model: nn.Module, plan: Plan = "w4g128", method: str | Modifier | R
         batches = list(calib.split(8)) if isinstance(calib, torch.Tensor) else list(calib)
         report = calibrate(model, rules, recipe, batches, progress=progress)
     model.__dict__["lowbit_report"] = report
+    record_recipe(model, recipe.to_dict(), [r.to_dict() for r in rules])
     return model
 
 

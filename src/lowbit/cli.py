@@ -61,7 +61,8 @@ def quantize(
                                "(one stage each), e.g. smoothquant+rtn. Method options follow as --name VALUE, "
                                "e.g. --damp 0.1 --no-act-order."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="A YAML recipe: a list 'stages' of "
-                                          "{method, options..., targets, scheme}; replaces --method."),
+                                          "{method, options..., targets, scheme}; replaces --method. A "
+                                          "lowbit folder gives the recipe it was made by."),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Override the group size."),
     scale_search: Optional[str] = typer.Option(None, "--scale-search", help="minmax, mse or lpP (e.g. lp3)."),
     calib: str = typer.Option("pydoc", "--calib", help="Methods with data: calibration text: pydoc (its "
@@ -155,6 +156,10 @@ def inspect(folder: Path = typer.Argument(..., help="A folder saved by lowbit.")
         table.add_row(key, "×".join(map(str, meta["shape"])), meta["layout"], spec)
     console.print(table)
     console.print(f"{len(manifest['quantized'])} quantized tensors; model {manifest['model']['class']}")
+    for run in manifest.get("made_by", []):
+        stages = " + ".join(" ".join([st["method"], *(f"{k}={v}" for k, v in st.items() if k != "method")])
+                            for st in run["recipe"]["stages"])
+        console.print(f"made by: {stages}")
 
 
 @app.command()

@@ -26,13 +26,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.manifest import FORMAT_VERSION, check_agree, migrate, quantization_config
+from lowbit.manifest import FORMAT_VERSION, MANIFEST, RECIPE_ATTR, check_agree, migrate, quantization_config
 from lowbit.nn.convert import place
 from lowbit.nn.reference import attach, attach_mask, masks, quantized_tensors
 from lowbit.qtensor import QuantizedTensor, pack_mask, unpack_mask
 from lowbit.version import __version__
 
-MANIFEST = "lowbit.json"
+
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
@@ -56,6 +56,8 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None, overwr
     try:
         manifest = _write_weights(tmp, [collect(model)] if chunks is None else chunks)
         manifest["model"] = _model_info(model)
+        if model.__dict__.get(RECIPE_ATTR):
+            manifest["made_by"] = model.__dict__[RECIPE_ATTR]  # the runs' recipes and rules, when lowbit made it
         _write_json(tmp / MANIFEST, manifest)
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "to_json_string"):

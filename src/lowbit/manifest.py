@@ -14,7 +14,13 @@ Layout of ``lowbit.json`` at format version 2 (version 1 lacked ``masks``, ``rol
                                          "input": {...ActSpec...}},                    # input quantization
                    "<tied twin>": {"same_as": "<module>.<param>"}},
      "masks": {"<module>.<param>": {"shape": [out, in]}},   # float weights pruned in place
-     "aliases": {"<state-dict key>": "<key holding the same tensor>"}}
+     "aliases": {"<state-dict key>": "<key holding the same tensor>"},
+     "made_by": [{"recipe": {"stages": [{"method": "gptq", "damp": 1.0, ...}]},  # one per run
+                  "rules": [{"pattern": "...", "scheme": {...}}, ...]}]}
+
+``made_by`` records how lowbit made the folder, one entry per ``quantize`` run on the model
+(``lowbit quantize --recipe FOLDER`` reads a single run's recipe back). Loading never needs it,
+and a folder without it (an older one, or a model quantized by hand) loads the same.
 
 config.json's ``quantization_config`` (what transformers' ``from_pretrained`` reads) holds the same
 ``format_version``, ``quantized`` and ``masks``; ``check_agree`` refuses a folder whose two copies
@@ -29,9 +35,31 @@ from lowbit.errors import LowbitError
 from lowbit.spec import SPEC_VERSION
 from lowbit.version import __version__
 
+MANIFEST = "lowbit.json"  # the file name in a saved folder
 FORMAT_VERSION = 2
 OLDEST_FORMAT = 1
 QUANT_METHOD = "lowbit"
+
+
+#: Where ``lowbit.quantize`` and the calibrated pipeline leave the runs' recipes on the model
+#: (``model.__dict__``), for ``io.save`` to record as ``made_by``.
+RECIPE_ATTR = "lowbit_made_by"
+
+
+def record_recipe(model: Any, recipe: dict[str, Any], rules: list[dict[str, Any]]) -> None:
+    """Add to ``model``'s record one run: its recipe (``Recipe.to_dict()``) and rules (``Rule.to_dict()``)."""
+    runs = model.__dict__.setdefault(RECIPE_ATTR, [])
+    runs.append({"recipe": copy.deepcopy(recipe), "rules": copy.deepcopy(rules)})
+
+
+def made_by_recipe(manifest: dict[str, Any], where: str) -> dict[str, Any]:
+    """The recipe mapping of the single run that made a folder (``made_by``); refused otherwise."""
+    runs = manifest.get("made_by", [])
+    if len(runs) != 1:
+        why = "has no record of how it was made (saved by an older lowbit, or quantized by hand)" if not runs \
+            else f"was made by {len(runs)} quantize runs, so no single recipe redoes it"
+        raise LowbitError(f"{where} {why}; give a recipe file (--recipe FILE.yaml) or --method")
+    return copy.deepcopy(runs[0]["recipe"])
 
 
 def migrate(manifest: dict[str, Any], where: str = "this folder") -> dict[str, Any]:

@@ -7,7 +7,12 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "run"))
+from cli_kill import files  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
@@ -84,3 +89,23 @@ def test_method_shorthand_and_recipe_file_give_the_same_bytes(tiny_llama_dir, tm
     assert names and names == sorted(p.name for p in (tmp_path / "b").glob("*.safetensors"))
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_a_folder_records_its_recipe_and_redoes_it(tiny_llama_dir, tmp_path):
+    first, again = tmp_path / "first", tmp_path / "again"
+    args = ["--scheme", "uint4_fz:g32", "--samples", "2", "--seq-len", "16"]
+    r = subprocess.run([sys.executable, "-m", "lowbit", "quantize", str(tiny_llama_dir), "--out", str(first), *args,
+                        "--method", "hqq+gptq", "--damp", "0.5", "--no-act-order"], capture_output=True, text=True,
+                       env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr
+    made_by = json.loads((first / "lowbit.json").read_text())["made_by"]
+    assert len(made_by) == 1 and made_by[0]["recipe"]["stages"][0] == {"method": "hqq"}
+    assert {"method": "gptq", "damp": 0.5, "act_order": False}.items() <= made_by[0]["recipe"]["stages"][1].items()
+    assert len(made_by[0]["rules"]) == 14
+    r = subprocess.run([sys.executable, "-m", "lowbit", "quantize", str(tiny_llama_dir), "--out", str(again), *args,
+                        "--recipe", str(first)], capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert files(first) == files(again)
+    r = subprocess.run([sys.executable, "-m", "lowbit", "inspect", str(first)], capture_output=True, text=True, env=ENV)
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("made by:"))
+    assert line.startswith("made by: hqq + gptq ") and "damp=0.5" in line and "act_order=False" in line

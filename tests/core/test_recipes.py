@@ -12,6 +12,7 @@ from lowbit.modifiers import available, make, modifier_class
 from lowbit.recipe.options import describe_options, parse_options
 from lowbit.recipe.plan import plan_recipe
 from lowbit.recipe.recipe import Recipe, Stage, from_dict, from_methods, load_recipe
+from lowbit.scheme import Rule
 from lowbit.schemes import parse_scheme, parse_tensor_scheme
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
@@ -130,3 +131,30 @@ def test_the_readme_recipe_parses_and_plans(tmp_path):
     model = families.llama().eval()
     per_stage = plan_recipe(model, r, default_plan(model, parse_tensor_scheme("uint4_fz:g64")))
     assert [len(p) for p in per_stage] == [8, 6]  # 2 blocks × (q, k, v, o) and × (gate, up, down)
+
+
+def test_a_recipe_is_recorded_once_per_run_and_read_back_only_when_single(tmp_path):
+    import json
+
+    import torch
+    from torch import nn
+
+    import lowbit
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    lowbit.quantize(model, [Rule(r"^0$", parse_tensor_scheme("uint4_fz:g32"))], method="hqq", progress=False)
+    lowbit.save(model, tmp_path / "one")
+    assert load_recipe(tmp_path / "one").to_dict() == {"stages": [{"method": "hqq"}]}
+    lowbit.quantize(model, [Rule(r"^2$", parse_tensor_scheme("int8"))], method="rtn", progress=False)
+    lowbit.save(model, tmp_path / "two")
+    runs = json.loads((tmp_path / "two" / "lowbit.json").read_text())["made_by"]
+    assert [r["recipe"]["stages"][0]["method"] for r in runs] == ["hqq", "rtn"]
+    assert [r["rules"][0]["pattern"] for r in runs] == ["^0$", "^2$"]
+    with pytest.raises(LowbitError, match="made by 2 quantize runs"):
+        load_recipe(tmp_path / "two")
+    lowbit.save(nn.Linear(4, 4), tmp_path / "none")
+    with pytest.raises(LowbitError, match="has no record of how it was made"):
+        load_recipe(tmp_path / "none")
+    assert torch.equal(lowbit.load(tmp_path / "two", model=nn.Sequential(nn.Linear(64, 64), nn.ReLU(),
+                                                                        nn.Linear(64, 4)), packed=False)[0].weight,
+                       model[0].weight)

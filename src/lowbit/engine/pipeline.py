@@ -17,6 +17,7 @@ from torch import nn
 from lowbit.models.blocks import find_blocks
 from lowbit.engine.checkpoint import RunDir, fingerprint, started_batch
 from lowbit.errors import LowbitError
+from lowbit.manifest import record_recipe
 from lowbit.engine.forecast import Shape, fit, measure_flops, parse_bytes, peak_rss_bytes, rss_bytes
 from lowbit.models.targets import default_plan, resolve_schemes
 from lowbit.qtensor import matrix_shape
@@ -78,6 +79,7 @@ def run_calibrated(args: CalibratedRun, say=print) -> dict[str, Any]:
     stream = Streaming(streamed.load, streamed.release) if streamed else None
     report = calibrate(model, plan, args.recipe, batches, workdir=workdir, resume=args.resume, fingerprint=run_id,
                        streaming=stream, act_budget=act_budget, progress=args.progress)
+    record_recipe(model, args.recipe.to_dict(), [r.to_dict() for r in plan])
     _save(model, tokenizer, streamed, workdir, args)
     RunDir(workdir, run_id, resume=True).remove()
     return {"seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes(), "forecast": forecast,

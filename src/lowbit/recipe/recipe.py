@@ -19,12 +19,14 @@ the run's plan (tensors the plan leaves alone stay alone unless the stage gives 
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
+from lowbit.manifest import MANIFEST, made_by_recipe
 from lowbit.modifiers import make, modifier_class
 from lowbit.modifiers.base import Modifier, option_fields
 from lowbit.scheme import TensorScheme
@@ -132,10 +134,17 @@ def from_dict(d: Any, where: str = "recipe") -> Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read a YAML (or JSON) recipe file; errors name the file and what is wrong."""
+    """Read a YAML (or JSON) recipe file, or the recipe a lowbit folder records it was made by;
+    errors name the file and what is wrong."""
     import yaml
 
     path = Path(path)
+    if path.is_dir() and (path / MANIFEST).is_file():
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except json.JSONDecodeError as e:
+            raise LowbitError(f"{path / MANIFEST} is damaged ({e}); give a recipe file instead") from None
+        return from_dict(made_by_recipe(manifest, str(path)), where=f"the recipe recorded in {path / MANIFEST}")
     if not path.is_file():
         raise LowbitError(f"recipe file {path} does not exist")
     try:
