@@ -132,3 +132,25 @@ def test_forecast_errs_high_on_a_tiny_run(tiny_llama_dir, tmp_path):
                     "--report", str(report)], capture_output=True, text=True, check=True)
     numbers = json.loads(report.read_text())
     assert 0 < numbers["peak_rss_bytes"] <= numbers["forecast_bytes"], numbers
+
+
+def test_time_forecast_counts_the_engine_forwards_and_each_methods_own_work():
+    from dataclasses import replace
+
+    from lowbit.engine.forecast import Shape, forecast
+    from lowbit.modifiers import make
+    from lowbit.modifiers.base import BlockWork
+
+    layers = ((128, 64), (64, 128))
+    work = BlockWork(layers, tokens=4096, batch_tokens=1024)
+    gptq = make("gptq").flops(work)
+    assert gptq == sum(2 * 4096 * c * c + 2 * r * c * c + 2 * c ** 3 for r, c in layers)
+    shape = Shape(resident_bytes=0, block_bytes=0, block_params=1000, blocks=3, layers=layers, hidden=64,
+                  intermediate=128, tokens=4096, seq_len=512, batch_tokens=1024, streamed_bytes=0, method_flops=gptq)
+    assert forecast(shape, 0, 1e9).seconds == 3 * (2 * 2 * 1000 * 4096 + gptq) / 1e9
+    lsq = make("lsq", steps=10)
+    floated = replace(shape, method_flops=lsq.flops(work), float_generation=True)
+    assert forecast(floated, 0, 1e9).seconds == 3 * (3 * 2 * 1000 * 4096 + lsq.flops(work)) / 1e9
+    assert make("lsq", steps=20).flops(work) > lsq.flops(work) > make("lsq", steps=0).flops(work) > 0
+    assert lsq.memory(replace(work, batch_tokens=2048)) > lsq.memory(work)  # the batch the run uses, not a guess
+    assert make("rtn").flops(work) == 0 and make("rtn").memory(work) == 0

@@ -9,9 +9,11 @@ stage keeps the float model's hidden states too) + one batch's intermediate acti
 ``HEADROOM`` of all that for what the parts leave out (allocator slack, temporaries of the
 forward passes): the forecast must err high, since ``--max-memory`` trusts it.
 
-Time = matmul FLOPs (two forwards per block, the Hessian products, GPTQ's updates) at the
-rate this machine measures for a float32 matmul now, plus reading streamed weights at an assumed
-300 MB/s. Both are estimates; the summary prints the real figures next to them.
+Time = FLOPs at the rate this machine measures for a float32 matmul now: the engine's forwards
+(two per block over the calibration tokens, three when a stage keeps float targets) plus each
+stage's own work (its ``Modifier.flops``: GPTQ's Hessian products and updates, LSQ's training
+steps), plus reading streamed weights at an assumed 300 MB/s. Both are estimates; the summary
+prints the real figures next to them.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class Shape:
     batch_tokens: int  # tokens per forward (batch size × seq_len)
     streamed_bytes: int  # bytes read from disk over the run (0 when the model is in memory)
     method_bytes: int = 0  # the largest ``Modifier.memory`` of the recipe's stages for one block
+    method_flops: float = 0.0  # the recipe's stages' ``Modifier.flops`` for one block, summed
     float_generation: bool = False  # a stage keeps the float model's hidden states too
 
 
@@ -72,8 +75,7 @@ def forecast(s: Shape, act_budget: int, flops_per_s: float) -> Forecast:
         "activations": min(acts_total, act_budget * generations) + 6 * s.batch_tokens * max(s.intermediate, s.hidden) * 4,
     }
     parts["headroom"] = int(HEADROOM * sum(parts.values()))
-    flops = s.blocks * (2 * 2 * s.block_params * s.tokens
-                        + sum(2 * s.tokens * c * c + 2 * r * c * c + 2 * c ** 3 for r, c in s.layers))
+    flops = s.blocks * ((2 + s.float_generation) * 2 * s.block_params * s.tokens + s.method_flops)
     seconds = flops / flops_per_s + s.streamed_bytes / DISK_BYTES_PER_S
     return Forecast(sum(parts.values()), parts, seconds)
 

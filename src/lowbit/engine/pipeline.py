@@ -20,6 +20,7 @@ from lowbit.errors import LowbitError
 from lowbit.manifest import record_recipe
 from lowbit.engine.forecast import Shape, fit, measure_flops, parse_bytes, peak_rss_bytes, rss_bytes
 from lowbit.models.targets import default_plan, resolve_schemes
+from lowbit.modifiers.base import BlockWork
 from lowbit.qtensor import matrix_shape
 from lowbit.engine.restore import restore_block
 from lowbit.engine.runner import RunReport, Streaming, calibrate
@@ -115,12 +116,14 @@ def _shape(model: nn.Module, plan: list, streamed: Any, args: CalibratedRun, win
     block_bytes = streamed.block_bytes() if streamed else sum(p.numel() * p.element_size() for p in block.parameters())
     hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or max((c for _, c in layers), default=1))
     n_blocks = len(found[1]) if found else 1
+    batch_tokens = min(args.batch_size, windows.shape[0]) * windows.shape[1]
+    work = BlockWork(layers, windows.numel(), batch_tokens)
     return Shape(resident_bytes=rss_bytes(), block_bytes=block_bytes, block_params=params, blocks=n_blocks,
                  layers=layers, hidden=hidden, intermediate=max((r for r, _ in layers), default=hidden),
-                 tokens=windows.numel(), seq_len=windows.shape[1],
-                 batch_tokens=min(args.batch_size, windows.shape[0]) * windows.shape[1],
+                 tokens=windows.numel(), seq_len=windows.shape[1], batch_tokens=batch_tokens,
                  streamed_bytes=block_bytes * n_blocks * 2 if streamed else 0,
-                 method_bytes=max(s.modifier.memory(layers) for s in args.recipe.stages),
+                 method_bytes=max(s.modifier.memory(work) for s in args.recipe.stages),
+                 method_flops=sum(s.modifier.flops(work) for s in args.recipe.stages),
                  float_generation=args.recipe.float_targets)
 
 

@@ -16,8 +16,10 @@ hook               when the engine calls it
                    statistics (None without data) and its scheme -> ``LayerResult``
 ``solve_block``    per block, with the float block's inputs and outputs and the
                    quantized model's inputs (``BlockData``); changes the block in place
-``memory``         bytes the method holds for a block, given its layers' (rows, cols);
-                   feeds the forecast
+``memory``         bytes the method holds for a block (``BlockWork``: its layers'
+                   (rows, cols), the calibration tokens); feeds the forecast
+``flops``          floating-point operations of the method's own work on a block (not
+                   the engine's forwards); feeds the time forecast
 =================  ===================================================================
 
 Class attributes tell the engine what a method is:
@@ -92,6 +94,20 @@ class BlockData:
 
 
 @dataclass(frozen=True)
+class BlockWork:
+    """What a method solves in one block, for its ``memory`` and ``flops`` estimates.
+
+    layers:       (rows, cols) of each targeted matrix of the block;
+    tokens:       calibration tokens over the whole run (windows × sequence length);
+    batch_tokens: tokens per forward (batch size × sequence length).
+    """
+
+    layers: tuple[tuple[int, int], ...]
+    tokens: int = 0
+    batch_tokens: int = 0
+
+
+@dataclass(frozen=True)
 class Modifier:
     """Base of every method; see the module docstring for the hooks."""
 
@@ -129,9 +145,14 @@ class Modifier:
         """
         return None
 
-    def memory(self, layers: tuple[tuple[int, int], ...]) -> int:
-        """Bytes this method holds while solving a block with these (rows, cols) layers."""
+    def memory(self, work: BlockWork) -> int:
+        """Bytes this method holds while solving one block. Default: nothing."""
         return 0
+
+    def flops(self, work: BlockWork) -> float:
+        """Floating-point operations of this method's own work on one block (the engine's
+        forward passes are counted by the forecast). Default: none worth counting."""
+        return 0.0
 
     @property
     def has_layer_solve(self) -> bool:

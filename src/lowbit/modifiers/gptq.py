@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lowbit.algorithms import gptq as algo
 from lowbit.algorithms._hessian import HessianStats
-from lowbit.modifiers.base import LayerResult, Modifier, tensor_scale
+from lowbit.modifiers.base import BlockWork, LayerResult, Modifier, tensor_scale
 from lowbit.scheme import TensorScheme
 
 
@@ -47,9 +47,14 @@ class GPTQ(Modifier):
                 "dead": r.dead}
         return LayerResult(spec, r.codes, r.scale, r.zero, gscale, info=info)
 
-    def memory(self, layers: tuple[tuple[int, int], ...]) -> int:
+    def memory(self, work: BlockWork) -> int:
         """One (cols, cols) Hessian per layer, plus the solver's working set for the largest:
         four (rows, cols) and four (cols, cols) float32 matrices (measured, see ``engine.forecast``)."""
-        hessians = sum(c * c * 4 for _, c in layers)
-        solver = max(((4 * r * c + 4 * c * c) * 4 for r, c in layers), default=0)
+        hessians = sum(c * c * 4 for _, c in work.layers)
+        solver = max(((4 * r * c + 4 * c * c) * 4 for r, c in work.layers), default=0)
         return hessians + solver
+
+    def flops(self, work: BlockWork) -> float:
+        """Per layer: the Hessian's products X^T X (2·tokens·cols²), the column-by-column updates
+        (2·rows·cols²) and the Cholesky factorizations and inverse (about 2·cols³)."""
+        return float(sum(2 * work.tokens * c * c + 2 * r * c * c + 2 * c ** 3 for r, c in work.layers))

@@ -51,18 +51,13 @@ from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
 from lowbit.models.targets import targets
-from lowbit.modifiers.base import BlockData, Modifier
+from lowbit.modifiers.base import BlockData, BlockWork, Modifier
 from lowbit.nn.activation import quantize_input
 from lowbit.nn.reference import attach, qtensors
 from lowbit.qat.fakequant import check_learnable
 from lowbit.qat.layer import FakeQuantLinear
 from lowbit.quantizer import quantize_weight
 from lowbit.scheme import ActSpec, TensorScheme
-
-#: Tokens per calibration batch that ``memory`` assumes (the CLI's 8 windows of 512): the
-#: protocol does not pass the batch to ``memory``.
-_ASSUMED_BATCH_TOKENS = 8 * 512
-
 
 @dataclass
 class _Wrapped:
@@ -159,20 +154,27 @@ class LSQ(Modifier):
                 optimizer.step()
                 schedule.step()
 
-    def memory(self, layers: tuple[tuple[int, int], ...]) -> int:
-        """Bytes held while training one block with these (rows, cols) layers.
+    def memory(self, work: BlockWork) -> int:
+        """Bytes held while training one block.
 
         Per weight: the learned scale with its gradient and Adam's two moments, counted as if
         every weight had its own scale (an upper bound: 16 B), plus what the fake-quant graph
         keeps for the backward pass (float32 copy, reconstruction, scale derivative, in-range
         mask: 13 B); with ``train_weights`` the weight's gradient and moments (12 B) too. Per
         token of a batch: every layer's input and output in float32, twice (what the backward
-        pass keeps of the block's forward), for an assumed batch of 8 × 512 tokens.
+        pass keeps of the block's forward).
         """
-        weights = sum(r * c for r, c in layers)
+        weights = sum(r * c for r, c in work.layers)
         per_weight = 16 + 13 + (12 if self.train_weights else 0)
-        per_token = 2 * 4 * sum(r + c for r, c in layers)
-        return weights * per_weight + per_token * _ASSUMED_BATCH_TOKENS
+        per_token = 2 * 4 * sum(r + c for r, c in work.layers)
+        return weights * per_weight + per_token * work.batch_tokens
+
+    def flops(self, work: BlockWork) -> float:
+        """``steps`` forward and backward passes of one batch through the layers (about three
+        forwards, 6·rows·cols per token), the fake quantization of every weight per step (about
+        20 operations per weight), and two scoring passes over all tokens (loss before and after)."""
+        weights = sum(r * c for r, c in work.layers)
+        return float(self.steps * (6 * weights * work.batch_tokens + 20 * weights) + 2 * 2 * weights * work.tokens)
 
 
 def _wrap(block: nn.Module, layers: list) -> tuple[list[_Wrapped], list[str]]:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lowbit.algorithms.wanda import ColumnSquares, check_sparsity, wanda
 from lowbit.errors import LowbitError
-from lowbit.modifiers.base import LayerResult, Modifier
+from lowbit.modifiers.base import BlockWork, LayerResult, Modifier
 from lowbit.scheme import TensorScheme
 
 
@@ -47,10 +47,15 @@ class Wanda(Modifier):
         zeros = 1.0 - mask.float().mean().item()
         return LayerResult(weight=pruned, mask=mask, info={"tokens": stats.n, "pruned": round(zeros, 6)})
 
-    def memory(self, layers: tuple[tuple[int, int], ...]) -> int:
+    def memory(self, work: BlockWork) -> int:
         """One (cols,) float64 accumulator per layer, plus the selection's working set for the
         largest layer: about 25 bytes per weight (|W|, score, sorted values, int64 order, mask,
         pruned copy)."""
-        accumulators = sum(8 * c for _, c in layers)
-        working = max((25 * r * c for r, c in layers), default=0)
+        accumulators = sum(8 * c for _, c in work.layers)
+        working = max((25 * r * c for r, c in work.layers), default=0)
         return accumulators + working
+
+    def flops(self, work: BlockWork) -> float:
+        """Squaring and summing the inputs (2·tokens·cols per layer) and the per-row sort of the
+        scores (about rows·cols·log2(cols) comparisons, counted as operations)."""
+        return float(sum(2 * work.tokens * c + r * c * max(1, c.bit_length()) for r, c in work.layers))
