@@ -102,11 +102,12 @@ def fz_anchor_table(model: torch.nn.Module) -> None:
             for name, mod in model.named_modules():
                 if isinstance(mod, torch.nn.Linear) and ".layers." in f".{name}":
                     w = mod.weight.detach().float()
-                    blocks = w.reshape(-1, group)  # (n_blocks, group)
-                    num += float((fz_search(blocks, bits, anchor) - blocks).double().pow(2).sum())
-                    den += float(blocks.double().pow(2).sum())
-                    one_sided += int(((blocks.amin(1) > 0) | (blocks.amax(1) < 0)).sum())
-                    n_blocks += blocks.shape[0]
+                    for start in range(0, w.shape[1], group):  # groups along each row, as lowbit's
+                        blocks = w[:, start:start + group]  # (rows, g); the last group may be shorter
+                        num += float((fz_search(blocks, bits, anchor) - blocks).double().pow(2).sum())
+                        den += float(blocks.double().pow(2).sum())
+                        one_sided += int(((blocks.amin(1) > 0) | (blocks.amax(1) < 0)).sum())
+                        n_blocks += blocks.shape[0]
             print(f"| uint{bits}_fz:g{group}:mse | {anchor} | {math.sqrt(num / den):.5f} | {one_sided}/{n_blocks} |",
                   flush=True)
 
@@ -118,9 +119,10 @@ def quantize_model(model: torch.nn.Module, bits: int, group: int, rule: str) -> 
         for name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear) and ".layers." in f".{name}":
                 w = mod.weight.float()
-                rows, cols = w.shape
-                blocks = w.reshape(rows * cols // group, group)  # SmolLM2's widths divide 64 and 128
-                wq = fake_quant(blocks, bits, rule).reshape(rows, cols)
+                wq = torch.empty_like(w)
+                for start in range(0, w.shape[1], group):  # groups along each row; the last may be shorter
+                    part = w[:, start:start + group]  # (rows, g)
+                    wq[:, start:start + group] = fake_quant(part, bits, rule)
                 num += float((wq - w).double().pow(2).sum())
                 den += float(w.double().pow(2).sum())
                 mod.weight.copy_(wq.to(mod.weight.dtype))

@@ -20,19 +20,23 @@ tokens, fp32 14.80; "–" not measured):
 ===========  =============================  ==============  ==============  ==================
 rule         scale, codes                   int4 g64        int3 g128       int2 g64
 ===========  =============================  ==============  ==============  ==================
-narrow       absmax/(N-1), ±(N-1) (before)  0.1127 / 21.99  0.2890 / 407.3  0.7210 / 6.7e6
-half (kept)  absmax/N, [-N, N-1]            0.1031 / 20.87  0.2248 / 123.9  0.4241 / 4.5e7
-gptq         2·absmax/(2N-1), [-N, N-1]     0.1074 / 21.93  0.2509 / 203.5  0.5236 / 4.4e6
-cover        max(max/(N-1), -min/N)         0.1065 / –      0.2670 / –      0.6625 / –
-best3        least-squares pick of the 3    0.1005 / –      0.2247 / –      0.4239 / –
+narrow       absmax/(N-1), ±(N-1) (before)  0.1127 / 21.99  0.2864 / 455.1  0.7210 / 6.7e6
+half (kept)  absmax/N, [-N, N-1]            0.1031 / 20.87  0.2232 / 110.2  0.4241 / 4.5e7
+gptq         2·absmax/(2N-1), [-N, N-1]     0.1074 / 21.93  0.2488 / 175.0  0.5236 / 4.4e6
+cover        max(max/(N-1), -min/N)         0.1065 / 21.17  0.2645 / 218.0  0.6625 / –
+best3        least-squares pick of the 3    0.1005 / –      –               0.4239 / –
 ===========  =============================  ==============  ==============  ==================
 
 (``N = 2^(b-1)``; ``gptq`` is GPTQ's and compressed-tensors' symmetric rule.)
 
 ``half`` is kept: the lowest weight error of the closed forms at every width (``best3``, three
 roundings per block, gains at most 0.003) and the lowest perplexity at 4 and 3 bits (20.87
-against 21.99 before, 123.9 against 407.3). At 2 bits round-to-nearest destroys the model under
-every rule (perplexity far above the vocabulary size, 49152), so perplexity ranks nothing there.
+against 21.99 before, 110.2 against 455.1); at int4 g128 too (22.38; cover 23.58, gptq 23.78,
+narrow 25.42). The exception is int4 g32, where ``cover`` wins (19.13; narrow 19.87, half
+21.08): SmolLM2's weights come from Q4_1 blocks of 32, whose extremes are exact grid values
+that any clip moves, an artefact of this model rather than a rule. At 2 bits round-to-nearest
+destroys the model under every rule (perplexity far above the vocabulary size, 49152), so
+perplexity ranks nothing there.
 
 Format dicts written before the full range existed (format version 1: no ``narrow_range``
 field) meant the narrow grid and still load as ``intB_narrow`` (``IntFormat.upgrade_dict``).
