@@ -253,6 +253,8 @@ def load_into(model: nn.Module, path: str | os.PathLike, packed: bool = True) ->
     manifest = read_manifest(path)
     tensors = read_weights(path)
     modules = dict(model.named_modules())
+    if manifest.get("made_by"):  # saved again, the folder keeps its record
+        model.__dict__[RECIPE_ATTR] = manifest["made_by"]
     built: dict[str, tuple[QuantizedTensor, torch.Tensor]] = {}
     quantized = manifest["quantized"]
     shared = {meta["same_as"] for meta in quantized.values() if "same_as" in meta}

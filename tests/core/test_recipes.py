@@ -155,6 +155,8 @@ def test_a_recipe_is_recorded_once_per_run_and_read_back_only_when_single(tmp_pa
     lowbit.save(nn.Linear(4, 4), tmp_path / "none")
     with pytest.raises(LowbitError, match="has no record of how it was made"):
         load_recipe(tmp_path / "none")
-    assert torch.equal(lowbit.load(tmp_path / "two", model=nn.Sequential(nn.Linear(64, 64), nn.ReLU(),
-                                                                        nn.Linear(64, 4)), packed=False)[0].weight,
-                       model[0].weight)
+    again = lowbit.load(tmp_path / "two", model=nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)),
+                        packed=False)
+    assert torch.equal(again[0].weight, model[0].weight)
+    lowbit.save(again, tmp_path / "resaved")  # loading and saving again keeps the record
+    assert (tmp_path / "resaved" / "lowbit.json").read_bytes() == (tmp_path / "two" / "lowbit.json").read_bytes()
