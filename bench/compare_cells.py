@@ -41,9 +41,9 @@ def _lowbit(method: str, scheme: str, bits: int, gptq: bool = False, note: str =
 
 LOWBIT = [
     _lowbit("RTN w4g64 sym", "w4g64", 4,
-            note="every lowbit row: the model lowbit.load returns computes with dequantized float32 weights (no "
-                 "packed kernels yet), so its decode speed is float32's, and differences between lowbit rows are "
-                 "timing noise"),
+            note="every lowbit row: decode runs the model lowbit.load returns, with packed QuantLinear layers "
+                 "(PyTorch's int4/int8 CPU kernels, bf16 compute) where the format allows and the dequantized "
+                 "reference elsewhere; bench/decode.py measures decode speed properly"),
     _lowbit("RTN w4g64 asym", "w4g64-asym", 4),
     _lowbit("RTN w4g128 asym", "w4g128-asym", 4),
     _lowbit("RTN w4g64 float zero", "uint4_fz:g64", 4),
