@@ -22,7 +22,7 @@ __all__ = ["check_weight", "choose_qparams", "pack_matrix", "quantize_matrix", "
 
 def check_weight(w: Tensor, spec: QuantSpec, rows: int, cols: int, name: str = "weight") -> None:
     """Raise ``LowbitError`` for non-finite weights or a granularity larger than the matrix."""
-    if not torch.isfinite(w).all():
+    if w.numel() and not torch.isfinite(torch.stack(torch.aminmax(w))).all():  # one pass; NaN propagates
         bad = int((~torch.isfinite(w)).sum())
         raise LowbitError(f"{name} has {bad} NaN or Inf values; fix or skip it before quantizing")
     g = spec.granularity

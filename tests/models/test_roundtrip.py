@@ -120,11 +120,14 @@ def test_targets_see_conv_and_embedding():
     assert "embedding" in {t.kind for t in targets(build("llama"))}
 
 
-def test_nan_weights_are_refused():
-    model = build("mlp")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nan_weights_are_refused(bad, dtype):
+    model = build("mlp").to(dtype)
     with torch.no_grad():
-        model.net[0].weight[0, 0] = float("nan")
-    with pytest.raises(lowbit.LowbitError, match="NaN or Inf"):
+        model.net[0].weight[0, 0] = bad
+        model.net[0].weight[-1, -1] = bad
+    with pytest.raises(lowbit.LowbitError, match="has 2 NaN or Inf values"):
         lowbit.quantize(model, "int8:channel", progress=False)
 
 

@@ -150,12 +150,12 @@ class IntFormat(Format):
         return q.to(torch.uint8)
 
     def dequantize(self, codes: Tensor, qp: QParams) -> Tensor:
-        q = codes.to(torch.float32)
+        q = codes.to(torch.float32, copy=True)  # in place on the fresh copy: the same values, fewer passes
         if self.symmetric:
-            return (q - 2 ** (self.bits - 1)) * qp.scale
+            return q.sub_(2 ** (self.bits - 1)).mul_(qp.scale)
         if self.zero == "int":
-            return (q - qp.zero) * qp.scale
-        return q * qp.scale + qp.zero
+            return q.sub_(qp.zero).mul_(qp.scale)
+        return q.mul_(qp.scale).add_(qp.zero)
 
 
 def shrink(lo: Tensor, hi: Tensor, clip: float) -> tuple[Tensor, Tensor]:
