@@ -1,4 +1,5 @@
 """``python -m lowbit``: the same command line as ``lowbit``."""
 from lowbit.cli import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -155,6 +155,9 @@ def test_a_recipe_is_recorded_once_per_run_and_read_back_only_when_single(tmp_pa
     lowbit.save(nn.Linear(4, 4), tmp_path / "none")
     with pytest.raises(LowbitError, match="has no record of how it was made"):
         load_recipe(tmp_path / "none")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(LowbitError, match="is a folder without lowbit.json"):
+        load_recipe(tmp_path / "plain")
     again = lowbit.load(tmp_path / "two", model=nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)),
                         packed=False)
     assert torch.equal(again[0].weight, model[0].weight)

@@ -166,7 +166,7 @@ def test_fused_experts_are_rounded_to_nearest_and_reported(single_thread):
     assert rounded and all(".experts." in k for k in rounded)
     assert {n for n, *_ in quantized_tensors(model)} >= {k.rpartition(".")[0] for k in rounded}
     assert sorted(f.partition(":")[0] for f in report.fallbacks) == sorted(rounded)
-    assert all("lsq cannot solve a experts tensor, rounded to nearest" in f for f in report.fallbacks)
+    assert all("lsq does not solve it (experts), rounded to nearest" in f for f in report.fallbacks)
     solved = {r["key"] for r in report.layers}
     assert solved and not solved & set(rounded) and all(r["solve"] == "block" for r in report.layers)
     assert dict(report.rows())["layers solved"] == str(len(solved))
@@ -176,6 +176,11 @@ def test_formats_without_a_learnable_scale_are_refused_at_planning():
     model = tiny_llama()
     with pytest.raises(LowbitError, match=r"stage 1 \(lsq\): method lsq: cannot learn the scale of mxfp4"):
         plan_recipe(model, Recipe((Stage(make("lsq")),)), default_plan(model, parse_scheme("mxfp4")))
+    experts = families.mixtral().eval()  # tensors lsq rounds to nearest may use any format
+    rules = default_plan(experts, parse_scheme("uint4:g32")) + [Rule(r"\.experts\.", parse_tensor_scheme("mxfp4"))]
+    plan_recipe(experts, Recipe((Stage(make("lsq")),)), rules)
+    with pytest.raises(LowbitError, match="cannot learn the scale of mxfp4"):
+        plan_recipe(experts, Recipe((Stage(make("lsq")),)), rules + [Rule(r"q_proj", parse_tensor_scheme("mxfp4"))])
 
 
 def test_formats_without_a_learnable_scale_are_refused_before_any_change():
@@ -202,7 +207,7 @@ def test_cli_method_and_recipe_give_the_same_bytes(run, tiny_llama_dir, tmp_path
     by_method = run("quantize", str(tiny_llama_dir), "--out", str(tmp_path / "m"), "--method", "lsq",
                     "--steps", "3", "--lr", "0.02", *LSQ_CLI)
     assert by_method.returncode == 0, by_method.stderr
-    assert "14 of 14 layers" in by_method.stdout and "rounded to nearest" not in by_method.stdout
+    assert "14 of 14 layers" in by_method.stdout and "fallback" not in by_method.stdout
     assert "layers solved │ 14" in by_method.stdout
     recipe = tmp_path / "lsq.yaml"
     recipe.write_text("stages:\n  - method: lsq\n    steps: 3\n    lr: 0.02\n")

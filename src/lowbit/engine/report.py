@@ -43,5 +43,5 @@ class RunReport:
         raised = [r["key"] for r in self.layers if r.get("damp_raised")]
         if raised:
             rows.append(("dampening raised", f"{len(raised)} layers, e.g. {', '.join(raised[:3])}"))
-        rows += [("rounded to nearest", f) for f in self.fallbacks]
+        rows += [("fallback", f) for f in self.fallbacks]
         return rows

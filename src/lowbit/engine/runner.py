@@ -147,14 +147,13 @@ def _run_stage(model: nn.Module, block: nn.Module, stage: Stage, sr: StageReport
 
 
 def _block_lines(m: Modifier, pairs: Pairs, info: dict, report: RunReport) -> None:
-    """A block solve's report lines: one layer record per tensor it solved, a fallback line per
-    tensor it rounded to nearest instead (the keys its report lists under ``rounded_to_nearest``)."""
-    rounded = set(info.get("rounded_to_nearest", ()))
-    for target, _ in pairs:
-        if target.key in rounded:
-            report.fallbacks.append(f"{target.key}: {m.name} cannot solve a {target.kind} tensor, rounded to nearest")
-        else:
-            report.layers.append({"key": target.key, "method": m.name, "solve": "block"})
+    """A block solve's report lines, from the keys its report lists: a layer record for each of
+    ``layers`` (what it solved), a fallback line for each of ``rounded_to_nearest``."""
+    kinds = {t.key: t.kind for t, _ in pairs}
+    for key in info.get("layers", ()):
+        report.layers.append({"key": key, "method": m.name, "solve": "block"})
+    for key in info.get("rounded_to_nearest", ()):
+        report.fallbacks.append(f"{key}: {m.name} does not solve it ({kinds.get(key, 'tensor')}), rounded to nearest")
 
 
 def _has_stats(m: Modifier) -> bool:

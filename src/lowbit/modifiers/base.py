@@ -31,7 +31,9 @@ Class attributes tell the engine what a method is:
   a recipe whose scheme asks for a part no stage produces is refused;
 * ``requires``: the parts a layer's scheme must have for the method to act on it;
 * ``changes_float``: it changes float weights in place (pruning, folding), so a checkpoint must
-  keep the block's float tensors too.
+  keep the block's float tensors too;
+* ``solves_kinds``: the target kinds it solves itself (None: every kind); ``check_scheme`` is
+  asked only about their schemes (LSQ rounds fused experts and convolutions to nearest).
 """
 from __future__ import annotations
 
@@ -117,6 +119,7 @@ class Modifier:
     produces: ClassVar[frozenset[str]] = frozenset({"weight"})
     requires: ClassVar[frozenset[str]] = frozenset({"weight"})
     changes_float: ClassVar[bool] = False
+    solves_kinds: ClassVar[frozenset[str] | None] = None
 
     def check_scheme(self, scheme: TensorScheme) -> None:
         """Raise ``LowbitError`` if this method cannot produce ``scheme``. Default: any scheme."""
@@ -140,8 +143,9 @@ class Modifier:
     def solve_block(self, block: nn.Module, data: BlockData) -> dict[str, Any] | None:
         """Change ``block`` in place; returns report numbers or None. Default: nothing.
 
-        Keys of ``data.layers`` listed under ``rounded_to_nearest`` in the returned numbers are
-        reported as fallbacks; every other layer of ``data.layers`` counts as solved.
+        The engine reads two lists of keys from the returned numbers: ``layers``, the tensors it
+        solved (each counted as solved), and ``rounded_to_nearest``, those it rounded to nearest
+        instead (each reported as a fallback).
         """
         return None
 

@@ -29,8 +29,9 @@ other tensors       fused experts and convolutions cannot be wrapped: rounded to
                     nearest, listed in the block report as ``rounded_to_nearest``
 ==================  ===============================================================
 
-Formats whose scale LSQ cannot learn (MX's power-of-two scales, binary) are refused before the
-block changes (``lowbit.qat.check_learnable``).
+Formats whose scale LSQ cannot learn (MX's power-of-two scales, binary) are refused at planning,
+for the schemes of the Linear / Conv1D layers it trains (``check_scheme``,
+``lowbit.qat.check_learnable``); tensors it rounds to nearest may use any format.
 
 Defaults, measured on SmolLM2-135M with uint4:g64 and 32 windows of 512 tokens (block-output
 MSE after / before, blocks 0, 15 and 29): the gain follows the number of steps, hardly their
@@ -82,6 +83,7 @@ class LSQ(Modifier):
     name = "lsq"
     needs_data = True
     float_targets = True
+    solves_kinds = frozenset({"linear"})  # fused experts and convolutions are rounded to nearest
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 0:

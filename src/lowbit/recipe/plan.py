@@ -43,7 +43,8 @@ def plan_recipe(model: nn.Module, recipe: Recipe, rules: list[Rule]) -> list[Pai
             need = " and ".join(_PART_WORDS[p] for p in sorted(m.requires))
             raise LowbitError(f"{where}: method {m.name} needs {need} in the scheme, which "
                               f"{_describe(candidates[0][1])} does not have")
-        for scheme in dict.fromkeys(s for _, s in pairs):
+        kinds = m.solves_kinds
+        for scheme in dict.fromkeys(s for t, s in pairs if kinds is None or t.kind in kinds):
             try:
                 m.check_scheme(scheme)
             except LowbitError as e:

@@ -139,7 +139,10 @@ def load_recipe(path: str | Path) -> Recipe:
     import yaml
 
     path = Path(path)
-    if path.is_dir() and (path / MANIFEST).is_file():
+    if path.is_dir() and not (path / MANIFEST).is_file():
+        raise LowbitError(f"{path} is a folder without {MANIFEST}; give a recipe file (.yaml) or a folder "
+                          "saved by lowbit")
+    if path.is_dir():
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except json.JSONDecodeError as e:
