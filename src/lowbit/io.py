@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.manifest import FORMAT_VERSION, MANIFEST, RECIPE_ATTR, check_agree, migrate, quantization_config
+from lowbit.manifest import (FORMAT_VERSION, MANIFEST, RECIPE_ATTR, check_agree, migrate, quantization_config,
+                             restore_recipe)
 from lowbit.nn.convert import place
 from lowbit.nn.reference import attach, attach_mask, masks, quantized_tensors
 from lowbit.qtensor import QuantizedTensor, pack_mask, unpack_mask
@@ -253,8 +254,7 @@ def load_into(model: nn.Module, path: str | os.PathLike, packed: bool = True) ->
     manifest = read_manifest(path)
     tensors = read_weights(path)
     modules = dict(model.named_modules())
-    if manifest.get("made_by"):  # saved again, the folder keeps its record
-        model.__dict__[RECIPE_ATTR] = manifest["made_by"]
+    restore_recipe(model, manifest)
     built: dict[str, tuple[QuantizedTensor, torch.Tensor]] = {}
     quantized = manifest["quantized"]
     shared = {meta["same_as"] for meta in quantized.values() if "same_as" in meta}

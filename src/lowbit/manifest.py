@@ -52,6 +52,12 @@ def record_recipe(model: Any, recipe: dict[str, Any], rules: list[dict[str, Any]
     runs.append({"recipe": copy.deepcopy(recipe), "rules": copy.deepcopy(rules)})
 
 
+def restore_recipe(model: Any, manifest: dict[str, Any]) -> None:
+    """Put a loaded folder's ``made_by`` back on ``model``, so saving it again keeps the record."""
+    if manifest.get("made_by"):
+        model.__dict__[RECIPE_ATTR] = manifest["made_by"]
+
+
 def made_by_recipe(manifest: dict[str, Any], where: str) -> dict[str, Any]:
     """The recipe mapping of the single run that made a folder (``made_by``); refused otherwise."""
     runs = manifest.get("made_by", [])

@@ -131,15 +131,16 @@ def _prune_experts(modifier: Modifier, target: Target, full: Tensor, out: int, n
         if r is not None and r.quantized:
             raise LowbitError(f"{target.key}[{e}]: method {modifier.name} does not produce a weight spec, "
                               "yet it returned codes")
+        dense = torch.ones(m.shape, dtype=torch.bool, device=m.device)
         if r is None:
             idle += [] if e in stats else [e]  # an expert the method left alone is not a fallback
             weights.append(m)
-            masks.append(torch.ones(m.shape, dtype=torch.bool, device=m.device))
+            masks.append(dense)
             continue
         report.layers.append({"key": f"{target.key}[{e}]", "method": modifier.name, **r.info})
         changed += 1
         weights.append(r.weight)
-        masks.append(r.mask if r.mask is not None else torch.ones(m.shape, dtype=torch.bool, device=m.device))
+        masks.append(dense if r.mask is None else r.mask)
     if idle:
         report.fallbacks.append(f"{target.key}: experts {idle} saw no calibration token, left as they are")
     if not changed:

@@ -239,7 +239,7 @@ def load_lowbit(path: str | os.PathLike, packed: bool = True) -> Loaded:
     ``packed``: see ``lowbit.io.load_into``.
     """
     from lowbit.io import load_into, read_manifest
-    from lowbit.manifest import RECIPE_ATTR
+    from lowbit.manifest import restore_recipe
 
     path = Path(path)
     manifest = read_manifest(path)
@@ -262,8 +262,7 @@ def load_lowbit(path: str | os.PathLike, packed: bool = True) -> Loaded:
         install_hook()
         with loading(packed=packed):
             model = cls.from_pretrained(str(path), dtype=getattr(torch, manifest["model"]["dtype"]))
-        if manifest.get("made_by"):  # saved again, the folder keeps its record
-            model.__dict__[RECIPE_ATTR] = manifest["made_by"]
+        restore_recipe(model, manifest)
         return Loaded(model.eval(), _tokenizer(tf, path), str(path), "lowbit")
     # a quantized weight tied to another module (transformers re-ties parameters only), or a
     # folder written before config.json carried a quantization_config: skeleton, then tensors

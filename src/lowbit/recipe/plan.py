@@ -34,7 +34,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe, rules: list[Rule]) -> list[Pai
     for i, stage in enumerate(recipe.stages):
         m = stage.modifier
         where = f"stage {i + 1} ({m.name})"
-        candidates = stage_candidates(model, stage, rules, all_pairs)
+        candidates = stage_candidates(stage, all_pairs)
         if not candidates:
             raise LowbitError(f"{where}: targets {stage.targets!r} match no tensor the scheme selects; "
                               f"tensors look like {all_pairs[0][0].key}")
@@ -54,10 +54,8 @@ def plan_recipe(model: nn.Module, recipe: Recipe, rules: list[Rule]) -> list[Pai
     return out
 
 
-def stage_candidates(model: nn.Module, stage: Stage, rules: list[Rule], pairs: Pairs | None = None) -> Pairs:
-    """The plan's pairs (``pairs``, when already resolved) narrowed by the stage's targets, with
-    its scheme when it gives one."""
-    pairs = resolve_schemes(model, rules) if pairs is None else pairs
+def stage_candidates(stage: Stage, pairs: Pairs) -> Pairs:
+    """The plan's resolved pairs narrowed by the stage's targets, with its scheme when it gives one."""
     if stage.targets is not None:
         pattern = re.compile(stage.targets)
         pairs = [(t, s) for t, s in pairs if pattern.search(t.key)]

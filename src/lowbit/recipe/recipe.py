@@ -19,7 +19,6 @@ the run's plan (tensors the plan leaves alone stay alone unless the stage gives 
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,10 +142,9 @@ def load_recipe(path: str | Path) -> Recipe:
         raise LowbitError(f"{path} is a folder without {MANIFEST}; give a recipe file (.yaml) or a folder "
                           "saved by lowbit")
     if path.is_dir():
-        try:
-            manifest = json.loads((path / MANIFEST).read_text())
-        except json.JSONDecodeError as e:
-            raise LowbitError(f"{path / MANIFEST} is damaged ({e}); give a recipe file instead") from None
+        from lowbit.io import read_manifest
+
+        manifest = read_manifest(path)
         return from_dict(made_by_recipe(manifest, str(path)), where=f"the recipe recorded in {path / MANIFEST}")
     if not path.is_file():
         raise LowbitError(f"recipe file {path} does not exist")
