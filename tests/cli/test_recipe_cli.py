@@ -19,7 +19,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 #: Each bad case in one interpreter (starting Python and torch per case would take minutes):
 #: (name, argv after the model, recipe text or None, expected words in the one-line error).
 BAD = [
-    ("unknown method", ["--scheme", "uint4:g32", "--method", "sparsegpt"], None, "unknown method 'sparsegpt'"),
+    ("unknown method", ["--scheme", "uint4:g32", "--method", "obc"], None, "unknown method 'obc'"),
     ("unknown option", ["--scheme", "uint4:g32", "--method", "gptq", "--dampp", "1"], None, "no such option --dampp"),
     ("option of no stage", ["--scheme", "uint4:g32", "--recipe", "R"],
      "stages:\n  - method: rtn\n    damp: 0.1\n", "method rtn has no option 'damp'"),

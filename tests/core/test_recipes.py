@@ -40,7 +40,7 @@ def test_method_string_gives_one_stage_per_method_with_its_options():
     ("rtn+", {}, "empty part"),
     ("rtn", {"damp": 0.1}, "option damp belongs to none of the methods 'rtn'"),
     ("gptq", {"dampp": 0.1}, "option dampp belongs to none of the methods 'gptq'"),
-    ("sparsegpt", {}, "unknown method 'sparsegpt'"),
+    ("obc", {}, "unknown method 'obc'"),
 ])
 def test_method_string_refusals(text, options, match):
     with pytest.raises(LowbitError, match=match):

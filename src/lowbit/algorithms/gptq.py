@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from math import isfinite
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -108,11 +109,11 @@ class GPTQ:
         """Whether group qparams are chosen up front from the original weight."""
         return self.act_order if self.static_groups is None else self.static_groups
 
-    def solve(self, W: Tensor, H: Tensor, spec: QuantSpec,
-              global_scale: Tensor | None = None) -> "GPTQResult":
+    def solve(self, W: Tensor, H: Tensor, spec: QuantSpec, global_scale: Tensor | None = None,
+              keep: Tensor | None = None) -> "GPTQResult":
         """:func:`gptq` with this configuration."""
         return gptq(W, H, spec, damp=self.damp, block_size=self.block_size, act_order=self.act_order,
-                    static_groups=self.static_groups, global_scale=global_scale)
+                    static_groups=self.static_groups, global_scale=global_scale, keep=keep)
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ class _Qparams:
 @torch.no_grad()
 def gptq(W: Tensor, H: Tensor, spec: QuantSpec, *, damp: float = GPTQ.damp, block_size: int = GPTQ.block_size,
          act_order: bool = GPTQ.act_order, static_groups: bool | None = GPTQ.static_groups,
-         global_scale: Tensor | None = None) -> GPTQResult:
+         global_scale: Tensor | None = None, keep: Tensor | None = None) -> GPTQResult:
     """Quantize a (rows, cols) matrix view with GPTQ.
 
     W: (rows, cols) float (copied to float32; not modified). H: (cols, cols) float proxy
@@ -207,50 +208,122 @@ def gptq(W: Tensor, H: Tensor, spec: QuantSpec, *, damp: float = GPTQ.damp, bloc
     dead-column zeroing. ``damp``, ``block_size``, ``act_order``, ``static_groups``: see ``GPTQ``,
     whose field defaults are these keyword defaults (damp 1 with act-order, measured); the
     paper's reference settings are ``damp=0.01, act_order=False``.
+    keep: (rows, cols) bool keep-mask of a weight an earlier stage pruned, or None. Pruned weights
+    stay exactly zero and their (zero) value counts as error that the later columns absorb, as in
+    SparseGPT's joint pruning and quantization with a fixed mask.
     """
     cfg = GPTQ(damp, block_size, act_order, static_groups)  # validates
+    if keep is not None and (keep.dtype != torch.bool or keep.shape != W.shape):
+        raise LowbitError(f"GPTQ keep-mask must be bool of the weight's shape {tuple(W.shape)}, "
+                          f"not {keep.dtype} {tuple(keep.shape)}")
+    select = None if keep is None else fixed_mask(keep)
+    r = solve_columns(W, H, spec, cfg, global_scale, select)
+    return GPTQResult(r.codes, r.scale, r.zero, r.global_scale, r.damp_used, r.loss, r.dead)
+
+
+@dataclass(frozen=True)
+class ColumnResult:
+    """What :func:`solve_columns` returns: ``GPTQResult``'s fields, ``codes``/``scale``/``zero``
+    None without a spec, plus ``weight`` (rows, cols) float32 (the pruned float weight, when no
+    spec is given) and ``keep`` (rows, cols) bool (when a mask selector was given), both in the
+    original column order."""
+
+    codes: Tensor | None
+    scale: Tensor | None
+    zero: Tensor | None
+    global_scale: Tensor | None
+    damp_used: float
+    loss: float
+    dead: int
+    weight: Tensor | None = None
+    keep: Tensor | None = None
+
+
+#: ``select(i, j, W1, d1)``: at column ``i`` of the lazy block ``W1`` (b, rows), processing-order
+#: column ``j`` (= block start + i), with ``d1`` (b,) the block's diagonal of the inverse Cholesky
+#: factor, returns the keep-mask (k, rows) bool of columns j .. j+k-1, or None to keep the masks
+#: chosen so far. It sees the block's current (error-updated) weights: SparseGPT's adaptive masks.
+Selector = Callable[[int, int, Tensor, Tensor], "Tensor | None"]
+
+
+def fixed_mask(keep: Tensor) -> Callable[[Tensor | None], Selector]:
+    """A selector factory for a mask chosen beforehand: ``keep`` (rows, cols) bool, original order.
+
+    solve_columns calls the factory with its column permutation (or None) and gets the selector."""
+    def bind(perm: Tensor | None) -> Selector:
+        keepT = (keep if perm is None else keep[:, perm]).T.contiguous()  # (cols, rows) processing order
+
+        def select(i: int, j: int, W1: Tensor, d1: Tensor) -> Tensor | None:
+            return keepT[j:j + W1.shape[0]].to(W1.device) if i == 0 else None
+
+        return select
+
+    return bind
+
+
+@torch.no_grad()
+def solve_columns(W: Tensor, H: Tensor, spec: QuantSpec | None, cfg: GPTQ, global_scale: Tensor | None = None,
+                  select: Callable[[Tensor | None], Selector] | None = None) -> ColumnResult:
+    """GPTQ's solve, shared by SparseGPT: quantize (``spec``), prune (``select``) or both.
+
+    ``select`` is a factory called with the column permutation (None without act-order) that
+    returns a ``Selector``; None prunes nothing. Without a spec the weights are only pruned and
+    the others updated (SparseGPT's pure pruning). Shapes as in :func:`gptq`.
+    """
     if W.ndim != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise LowbitError(f"GPTQ needs W (rows, cols) and H (cols, cols); "
                           f"got {tuple(W.shape)} and {tuple(H.shape)}")
     rows, cols = W.shape
     W = W.detach().to(torch.float32, copy=True)
     H = H.detach().to(W.device, torch.float32)
-    check_weight(W, spec, rows, cols)
+    if spec is not None:
+        check_weight(W, spec, rows, cols)
     dead = dead_columns(H)
     if dead.all():
         log.warning("every input column is dead (H is zero: no calibration tokens?); the weight becomes zero")
     W[:, dead] = 0
-    gs = spec.format.global_scale(W) if global_scale is None else global_scale
-    tr, tc = tile_of(spec.granularity, rows, cols)
-    tile = (min(tr, rows), min(tc, cols))
-    qps = _Qparams(spec, (rows, cols), tile, gs, W.device)
-    dynamic = not cfg.static and tile[1] < cols
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
-    if not dynamic:
-        qps.choose_all(W, perm)
+    qps, gs, dynamic, tile = None, None, False, (rows, cols)
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if cfg.act_order else None
+    if spec is not None:
+        gs = spec.format.global_scale(W) if global_scale is None else global_scale
+        tr, tc = tile_of(spec.granularity, rows, cols)
+        tile = (min(tr, rows), min(tc, cols))
+        qps = _Qparams(spec, (rows, cols), tile, gs, W.device)
+        dynamic = not cfg.static and tile[1] < cols
+        if not dynamic:
+            qps.choose_all(W, perm)
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]  # H is now this function's own copy
-    Hinv, damp_used, _ = inverse_cholesky(H, damp, overwrite=perm is not None)
+    Hinv, damp_used, _ = inverse_cholesky(H, cfg.damp, overwrite=perm is not None)
     del H  # (cols, cols): not needed by the column loop
-    block = max(1, block_size // tile[1]) * tile[1] if dynamic else block_size
-    codes, loss = _column_loop(W, Hinv, qps, spec, block, tile[1] if dynamic else 0)
+    block = max(1, cfg.block_size // tile[1]) * tile[1] if dynamic else cfg.block_size
+    out, keep, loss = _column_loop(W, Hinv, qps, spec, block, tile[1] if dynamic else 0,
+                                   None if select is None else select(perm))
     if perm is not None:
-        codes = torch.empty_like(codes).index_copy_(1, perm, codes)  # back to original columns
-    return GPTQResult(codes, qps.scale, qps.zero, gs, damp_used, loss, int(dead.sum()))
+        unperm = lambda t: None if t is None else torch.empty_like(t).index_copy_(1, perm, t)  # noqa: E731
+        out, keep = unperm(out), unperm(keep)
+    codes, weight = (out, None) if spec is not None else (None, out)
+    return ColumnResult(codes, None if qps is None else qps.scale, None if qps is None else qps.zero, gs,
+                        damp_used, loss, int(dead.sum()), weight, keep)
 
 
-def _column_loop(W: Tensor, Hinv: Tensor, qps: _Qparams, spec: QuantSpec, block: int,
-                 group: int) -> tuple[Tensor, float]:
+def _column_loop(W: Tensor, Hinv: Tensor, qps: _Qparams | None, spec: QuantSpec | None, block: int,
+                 group: int, select: Selector | None = None) -> tuple[Tensor, Tensor | None, float]:
     """GPTQ's numerical kernel on W (rows, cols) float32 in processing order (not modified).
 
     Hinv: (cols, cols) upper Cholesky factor of the dampened H⁻¹ (same order). ``group`` > 0
     is the dynamic group width (``block`` is a multiple of it); 0 when qparams are ready.
+    ``select`` (see ``Selector``) prunes: a pruned weight's target value is 0 and its whole value
+    is the error spread over the later columns. Without a spec (``qps`` None) the kept weights
+    are their own target (pruning only).
     Works on the transpose ``WT`` (cols, rows) so that a column is a contiguous row.
-    Returns codes (rows, cols) uint8 in processing order and ``½·Σ e²`` (see ``GPTQResult.loss``).
+    Returns (codes (rows, cols) uint8 — or the pruned float32 weight without a spec —, the keep
+    mask (rows, cols) bool or None, ``½·Σ e²`` (see ``GPTQResult.loss``)), in processing order.
     """
-    fmt = spec.format
+    fmt = None if spec is None else spec.format
     WT = W.T.contiguous()  # (cols, rows)
-    codesT = torch.empty(WT.shape, dtype=torch.uint8, device=W.device)  # (cols, rows)
+    outT = torch.empty(WT.shape, dtype=torch.uint8 if fmt else torch.float32, device=W.device)  # (cols, rows)
+    keepT = None if select is None else torch.ones(WT.shape, dtype=torch.bool, device=W.device)
     loss = torch.zeros((), dtype=torch.float64, device=W.device)
     cols = WT.shape[0]
     for i1 in range(0, cols, block):
@@ -263,12 +336,24 @@ def _column_loop(W: Tensor, Hinv: Tensor, qps: _Qparams, spec: QuantSpec, block:
                 j = i1 + i
                 if group and j % group == 0:
                     qps.choose_group(j, W1[i:i + group].T.contiguous())  # (rows, w)
-                qp = qps.column(j)
-                c = fmt.quantize(W1[i].unsqueeze(1), qp)  # (rows, 1) uint8
-                codesT[j] = c.view(-1)
-                e = torch.sub(W1[i], fmt.dequantize(c, qp).view(-1), out=Err1[i])  # (rows,)
+                if select is not None:
+                    chosen = select(i, j, W1, Hinv1.diagonal())
+                    if chosen is not None:
+                        keepT[j:j + chosen.shape[0]] = chosen
+                if fmt is not None:
+                    qp = qps.column(j)
+                    c = fmt.quantize(W1[i].unsqueeze(1), qp)  # (rows, 1) uint8
+                    outT[j] = c.view(-1)
+                    q = fmt.dequantize(c, qp).view(-1)  # (rows,)
+                else:
+                    q = W1[i]
+                if keepT is not None:
+                    q = torch.where(keepT[j], q, 0.0)  # +0.0 where pruned
+                if fmt is None:
+                    outT[j] = q
+                e = torch.sub(W1[i], q, out=Err1[i])  # (rows,)
                 e.div_(Hinv1[i, i])
                 W1[i + 1:].addr_(Hinv1[i, i + 1:], e, alpha=-1.0)  # (b-i-1, rows) -= outer(U[i, i+1:], e)
         loss += Err1.double().square().sum()
         WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1.0)  # lazy update of the later columns
-    return codesT.T.contiguous(), float(loss) / 2
+    return outT.T.contiguous(), None if keepT is None else keepT.T.contiguous(), float(loss) / 2

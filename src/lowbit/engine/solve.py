@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from lowbit.errors import LowbitError
 from lowbit.models.targets import Target
 from lowbit.modifiers.base import LayerResult, Modifier
-from lowbit.nn.reference import attach, attach_mask
+from lowbit.nn.reference import attach, attach_mask, float_masks
 from lowbit.qtensor import QuantizedTensor, from_matrix, matrix_view
 from lowbit.quantizer import check_weight, pack_matrix, quantize_matrix
 from lowbit.scheme import TensorScheme
@@ -49,7 +49,9 @@ def solve_target(modifier: Modifier, target: Target, module: nn.Module, scheme: 
     if target.kind == "experts" and modifier.needs_data:
         result = _solve_experts(modifier, target, w, m, scheme, stats or {}, report)
     else:
-        result = modifier.solve_layer(m, stats, scheme, target.key)
+        prior = float_masks(module).get(target.param) if modifier.keeps_mask else None
+        extra = {} if prior is None else {"keep": matrix_view(prior, target.layout).to(m.device)}
+        result = modifier.solve_layer(m, stats, scheme, target.key, **extra)
         if result is not None:
             report.layers.append({"key": target.key, "method": modifier.name, **result.info,
                                   "seconds": round(time.perf_counter() - t0, 3)})

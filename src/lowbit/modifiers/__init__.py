@@ -16,6 +16,9 @@ REGISTRY: dict[str, str] = {
     "nupes": "lowbit.modifiers.nupes:NUPES",
     "gptq": "lowbit.modifiers.gptq:GPTQ",
     "wanda": "lowbit.modifiers.wanda:Wanda",
+    "sparsegpt": "lowbit.modifiers.sparsegpt:SparseGPT",
+    "magnitude": "lowbit.modifiers.magnitude:Magnitude",
+    "random": "lowbit.modifiers.random_pruning:RandomPruning",
     "lsq": "lowbit.modifiers.lsq:LSQ",
     "smoothquant": "lowbit.modifiers.smoothquant:SmoothQuant",
 }

@@ -9,6 +9,9 @@ hook               when the engine calls it
 =================  ===================================================================
 ``check_scheme``   at planning, once per distinct scheme a stage acts on: raise
                    ``LowbitError`` for a scheme the method cannot produce
+``allocate``       at planning, with the model and the stage's (target, scheme) pairs:
+                   returns the pairs the stage will solve, each with its own scheme
+                   (layer-adaptive sparsity); default: unchanged
 ``prepare``        once, on the whole model, before any block (data-free transforms)
 ``new_stats``      per targeted layer while its block runs on calibration data; returns
                    an accumulator with ``update(x)``, x (tokens, in_features)
@@ -33,7 +36,11 @@ Class attributes tell the engine what a method is:
 * ``changes_float``: it changes float weights in place (pruning, folding), so a checkpoint must
   keep the block's float tensors too;
 * ``solves_kinds``: the target kinds it solves itself (None: every kind); ``check_scheme`` is
-  asked only about their schemes (LSQ rounds fused experts and convolutions to nearest).
+  asked only about their schemes (LSQ rounds fused experts and convolutions to nearest);
+* ``keeps_mask``: its ``solve_layer`` takes ``keep=`` (rows, cols) bool, the keep-mask an earlier
+  pruning stage recorded, and keeps pruned weights at zero while it solves (GPTQ); the engine
+  passes it only when there is one. Other methods solve as if dense; the mask still zeroes the
+  pruned weights of what they produce.
 """
 from __future__ import annotations
 
@@ -120,9 +127,14 @@ class Modifier:
     requires: ClassVar[frozenset[str]] = frozenset({"weight"})
     changes_float: ClassVar[bool] = False
     solves_kinds: ClassVar[frozenset[str] | None] = None
+    keeps_mask: ClassVar[bool] = False
 
     def check_scheme(self, scheme: TensorScheme) -> None:
         """Raise ``LowbitError`` if this method cannot produce ``scheme``. Default: any scheme."""
+
+    def allocate(self, model: nn.Module, pairs: list) -> list:
+        """The (target, scheme) pairs this stage solves, given the planned ones. Default: unchanged."""
+        return pairs
 
     def prepare(self, model: nn.Module) -> None:
         """Whole-model, data-free preparation (folding, rotations). Default: nothing."""

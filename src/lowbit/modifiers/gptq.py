@@ -26,6 +26,7 @@ class GPTQ(Modifier):
 
     name = "gptq"
     needs_data = True
+    keeps_mask = True
 
     def __post_init__(self) -> None:
         self.config  # validates the options
@@ -38,11 +39,12 @@ class GPTQ(Modifier):
         return HessianStats(cols)
 
     def solve_layer(self, W: Tensor, stats: HessianStats, scheme: TensorScheme, key: str,
-                    global_scale: Tensor | None = None) -> LayerResult:
-        """W (rows, cols) float32 and its inputs' Hessian -> GPTQ's codes and grids."""
+                    global_scale: Tensor | None = None, keep: Tensor | None = None) -> LayerResult:
+        """W (rows, cols) float32 and its inputs' Hessian -> GPTQ's codes and grids; ``keep``
+        (rows, cols) bool: an earlier stage's keep-mask, whose pruned weights stay zero."""
         spec = scheme.weight
         gscale = tensor_scale(spec, W, global_scale)
-        r = self.config.solve(W, stats.H, spec, gscale)
+        r = self.config.solve(W, stats.H, spec, gscale, keep)
         info = {"tokens": stats.n, "damp": r.damp_used, "damp_raised": r.damp_used > self.damp, "loss": r.loss,
                 "dead": r.dead}
         return LayerResult(spec, r.codes, r.scale, r.zero, gscale, info=info)

@@ -8,11 +8,13 @@ method ``requires`` (a sparsity spec for a pruning method, a weight spec for a q
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.models.targets import Target, resolve_schemes, targets
+from lowbit.qtensor import matrix_shape
 from lowbit.recipe.recipe import Recipe, Stage
 from lowbit.scheme import Rule, TensorScheme
 
@@ -49,9 +51,39 @@ def plan_recipe(model: nn.Module, recipe: Recipe, rules: list[Rule]) -> list[Pai
                 m.check_scheme(scheme)
             except LowbitError as e:
                 raise LowbitError(f"{where}: {e}") from None
+        _check_nm(model, pairs, where)
         out.append(pairs)
+    _leave_weight_to_later(recipe, out)
     _check_produced(recipe, out)
-    return out
+    return [stage.modifier.allocate(model, pairs) for stage, pairs in zip(recipe.stages, out)]
+
+
+def _check_nm(model: nn.Module, pairs: Pairs, where: str) -> None:
+    """An N:M sparsity needs every targeted matrix's input width to be a multiple of M."""
+    params = None
+    for t, s in pairs:
+        sp = s.sparsity
+        if sp is None or sp.kind != "nm":
+            continue
+        params = params if params is not None else dict(model.named_parameters(remove_duplicate=False))
+        w = params.get(f"{t.module_name}.{t.param}" if t.module_name else t.param)
+        cols = None if w is None else matrix_shape(tuple(w.shape), t.layout)[1]
+        if cols is not None and cols % sp.m:
+            raise LowbitError(f"{where}: N:M sparsity {sp.n}:{sp.m} needs input widths that are multiples of {sp.m}, "
+                              f"but {t.key} has {cols} inputs; leave it out (--targets / a rule) or use unstructured "
+                              "sparsity such as s=50%")
+
+
+def _leave_weight_to_later(recipe: Recipe, per_stage: list[Pairs]) -> None:
+    """A stage that prunes and could quantize too (sparsegpt) only prunes the tensors that a later
+    stage quantizes (``sparsegpt+gptq``): the weight is that stage's, which keeps the mask."""
+    for k, stage in enumerate(recipe.stages):
+        if not {"weight", "sparsity"} <= stage.modifier.produces:
+            continue
+        later = {t.key for st, pairs in zip(recipe.stages[k + 1:], per_stage[k + 1:])
+                 if "weight" in st.modifier.produces for t, _ in pairs}
+        per_stage[k] = [(t, replace(s, weight=None, input=None) if t.key in later and s.weight is not None else s)
+                        for t, s in per_stage[k]]
 
 
 def stage_candidates(stage: Stage, pairs: Pairs) -> Pairs:
