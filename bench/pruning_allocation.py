@@ -71,7 +71,8 @@ def section17(d, seeds, lines, verdicts):
         gaps[w] = m["dense"] - max(m["erk"], m["uniform"])
         erk32 = m if w == 32 else erk32
         per = "; ".join(f"{r['dense']:.3f}/{r['erk']:.3f}/{r['uniform']:.3f}" for r in rs)
-        lines.append(f"| {w} | {m['dense']:.4f} | {m['erk']:.4f} | {m['uniform']:.4f} | {100 * gaps[w]:.2f} pt | {per} |")
+        lines.append(f"| {w} | {m['dense']:.4f} | {m['erk']:.4f} | {m['uniform']:.4f} | "
+                     f"{100 * gaps[w]:.2f} pt | {per} |")
     lines.append("")
     verdicts.append(("§17 gap to dense shrinks with width", gaps[32] > gaps[128] > gaps[512]))
     verdicts.append(("§17 ERK >= uniform at width 32 (mean)", erk32["erk"] >= erk32["uniform"]))

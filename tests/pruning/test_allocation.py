@@ -47,6 +47,13 @@ def test_global_magnitude_matches_concatenate_and_sort(monkeypatch, ties, sparsi
     assert A.global_magnitude(ws, sparsity) == pytest.approx([r / w.numel() for w, r in zip(ws, ref)], abs=0)
 
 
+def test_many_equal_values_stop_the_bisection_without_gathering(monkeypatch):
+    monkeypatch.setattr(A, "_GATHER", 3)
+    ws = [torch.zeros(50), torch.cat([torch.zeros(30), torch.arange(1.0, 11.0)])]
+    assert A._kth_smallest(ws, 70, A._magnitude) == 0.0 and A._kth_smallest(ws, 81, A._magnitude) == 1.0
+    assert A.global_magnitude_counts(ws, 0.8) == [0, 18]  # 72 pruned: 80 zeros in order, then none
+
+
 def test_global_magnitude_bfloat16_and_keep_largest_agree():
     ws = [w.to(torch.bfloat16) for w in _layers(2, SHAPES, ties=True)]
     keeps = A.global_magnitude_counts(ws, 0.6)

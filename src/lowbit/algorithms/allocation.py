@@ -93,6 +93,8 @@ def _kth_smallest(layers: Sequence[Tensor], k: int, key: Callable[[Tensor], Tens
             hi, c_hi = mid, c
         else:
             lo, c_lo = mid, c
+    if hi - lo == 1:  # the window holds one value, repeated (e.g. many exact zeros): nothing to gather
+        return torch.tensor(hi, dtype=torch.int64).view(torch.float64).item()
     window = torch.cat([v[(v > lo) & (v <= hi)].cpu() for v in (_bits(key(t)).reshape(-1) for t in layers)])
     return torch.sort(window).values[k - c_lo - 1].view(torch.float64).item()
 
