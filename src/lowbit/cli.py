@@ -1,4 +1,4 @@
-"""The ``lowbit`` command: formats, quantize, eval, inspect, export, demo.
+"""The ``lowbit`` command: formats, quantize, prune, methods, eval, inspect, export, demo.
 
 Bad input prints one line naming the problem and the fix, and exits with code 2.
 """
@@ -92,6 +92,64 @@ def quantize(
         scale_search=scale_search, calib=calib, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
         max_memory=max_memory, resume=resume, overwrite=overwrite, allow_pickle=allow_pickle, evaluate=evaluate,
         corpus=corpus, windows=windows, report=report))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def prune(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="HF model folder, .gguf file or smollm2-135m."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
+    method: str = typer.Option("wanda", "--method", help="magnitude, random, wanda or sparsegpt, optionally "
+                               "followed by quantization (e.g. sparsegpt+gptq with --quantize). Method options "
+                               "follow as --name VALUE, e.g. --allocation global --min-keep 0.01."),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Fraction of weights (or, with --structure, "
+                                             "of channels or heads) to remove, in [0, 1)."),
+    pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M: keep N of every M consecutive inputs, "
+                                          "e.g. 2:4."),
+    structure: Optional[str] = typer.Option(None, "--structure", help="channels (MLP) or heads (attention KV "
+                                            "groups): remove them, correct the rest, save a smaller dense model."),
+    quantize_: Optional[str] = typer.Option(None, "--quantize", help="Also quantize: a weight spec or preset, "
+                                            "e.g. uint4:g64 (sparsegpt does both in one pass)."),
+    calib: str = typer.Option("pydoc", "--calib", help="Calibration text for wanda, sparsegpt and --structure."),
+    samples: int = typer.Option(128, "--samples", help="Calibration windows."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration and --eval window."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the calibration windows."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Calibration windows per forward."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Refuse a run whose forecast peak memory "
+                                             "exceeds this, e.g. 4GB."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run from OUT.partial."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (trusted only)."),
+    evaluate: bool = typer.Option(False, "--eval", help="Report perplexity and KL before and after."),
+    windows: int = typer.Option(32, "--windows", help="--eval number of windows."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write the numbers to this JSON file."),
+) -> None:
+    """Prune MODEL (magnitude, random, wanda, sparsegpt; unstructured, N:M or structured) and save it to OUT."""
+    from lowbit.cli_prune import PruneArgs, run_prune
+    from lowbit.recipe.options import parse_options
+
+    options = {}
+    if ctx.args:
+        options = parse_options(list(ctx.args), method.split("+")) if structure is None else _structured_options(ctx.args)
+    run_prune(console, PruneArgs(
+        model=model, out=out, method=method, sparsity=sparsity, pattern=pattern, structure=structure,
+        quantize=quantize_, options=options, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
+        batch_size=batch_size, resume=resume, max_memory=max_memory, overwrite=overwrite, allow_pickle=allow_pickle,
+        evaluate=evaluate, windows=windows, report=report))
+
+
+def _structured_options(args: list[str]) -> dict:
+    """--criterion NAME and --no-correct for structured pruning."""
+    out: dict = {}
+    it = iter(args)
+    for flag in it:
+        if flag == "--criterion":
+            out["criterion"] = next(it, None)
+        elif flag == "--no-correct":
+            out["correct"] = False
+        else:
+            raise LowbitError(f"unknown option {flag} for --structure; it takes --criterion NAME and --no-correct")
+    return out
 
 
 @app.command()

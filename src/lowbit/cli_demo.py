@@ -66,7 +66,8 @@ def print_comparison(console: Console, numbers: dict, title: str, scheme: str) -
         table.add_column(col, justify="right" if col != "model" else "left")
     table.add_row(b["dtype"], f"{b['ppl']:.3f}", "0", mib(b["bytes"]), "-", "-")
     table.add_row(scheme, f"{a['ppl']:.3f}", f"{a['kl']:.4f}", mib(a["bytes"]),
-                  f"{a['bits_per_weight']:.3f}", f"{a['quantize_seconds']:.1f}")
+                  "float" if a["bits_per_weight"] is None else f"{a['bits_per_weight']:.3f}",
+                  f"{a['quantize_seconds']:.1f}")
     console.print(table)
     console.print(f"KL: mean KL(P_original || P_quantized) in nats/token. size: weights on disk. time: quantization.\n"
                   f"* bits per quantized weight, scales and zeros included (tensors the plan skips keep their dtype). "

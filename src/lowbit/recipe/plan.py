@@ -52,6 +52,8 @@ def plan_recipe(model: nn.Module, recipe: Recipe, rules: list[Rule]) -> list[Pai
             except LowbitError as e:
                 raise LowbitError(f"{where}: {e}") from None
         _check_nm(model, pairs, where)
+        if "sparsity" in m.produces:
+            _check_untied(model, pairs, where)
         out.append(pairs)
     _leave_weight_to_later(recipe, out)
     _check_produced(recipe, out)
@@ -72,6 +74,23 @@ def _check_nm(model: nn.Module, pairs: Pairs, where: str) -> None:
             raise LowbitError(f"{where}: N:M sparsity {sp.n}:{sp.m} needs input widths that are multiples of {sp.m}, "
                               f"but {t.key} has {cols} inputs; leave it out (--targets / a rule) or use unstructured "
                               "sparsity such as s=50%")
+
+
+def _check_untied(model: nn.Module, pairs: Pairs, where: str) -> None:
+    """A pruning stage refuses a tensor tied to another (lm_head sharing the embeddings): zeroing it
+    would remove rows of the embedding table too."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for t, s in pairs:
+        if s.sparsity is None:
+            continue
+        w = getattr(model.get_submodule(t.module_name), t.param, None)
+        twins = names.get(id(w), [])
+        if len(twins) > 1:
+            raise LowbitError(f"{where}: {t.key} is tied to {', '.join(n for n in twins if not n.startswith(t.key))} "
+                              "(one tensor): pruning it would prune the embedding table too; leave it out of the "
+                              "pruning stage (targets) or untie the embeddings first")
 
 
 def _leave_weight_to_later(recipe: Recipe, per_stage: list[Pairs]) -> None:
