@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from compare_cells import CELLS, TOOLS, Cell  # noqa: E402
+from compare_cells import CELLS, SPARSE_CELLS, TOOLS, Cell  # noqa: E402
 from compare_report import write_report  # noqa: E402
 from compare_work import model_key, prepare  # noqa: E402
 from peers._main import ERROR_PREFIX  # noqa: E402
@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="smollm2-135m", help="a lowbit short name or a local Hugging Face folder")
     ap.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated, from {', '.join(TOOLS)}")
     ap.add_argument("--bits", default="4,3,8", help="tables to run: comma-separated bit widths")
+    ap.add_argument("--suite", choices=("quant", "sparse"), default="quant",
+                    help="quant: the bit-width tables; sparse: one-shot pruning (50%% and 2:4), its own section")
     ap.add_argument("--only", default=None, help="comma-separated globs over cell keys, e.g. 'lowbit:rtn*'")
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows per corpus")
     ap.add_argument("--samples", type=int, default=32, help="calibration windows")
@@ -98,7 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         ap.error(f"unknown tool(s) {', '.join(unknown)}; known: {', '.join(TOOLS)}")
     bits = [int(b) for b in args.bits.split(",")]
-    cells = select(CELLS, tools, bits, args.only.split(",") if args.only else None)
+    if args.suite == "sparse":
+        bits = [32]
+    cells = select(SPARSE_CELLS if args.suite == "sparse" else CELLS, tools, bits,
+                   args.only.split(",") if args.only else None)
     key = model_key(args.model)
     root = args.out_dir / key
     stem = f"w{args.windows}-l{args.seq_len}-n{args.samples}-d{args.decode_tokens}"
@@ -138,10 +143,13 @@ def main(argv: list[str] | None = None) -> None:
         if path.exists():
             results[cell.key] = json.loads(path.read_text())
     command = "python3 bench/compare.py" + ("" if args.model == "smollm2-135m" else f" --model {args.model}") + \
+        ("" if args.suite == "quant" else " --suite sparse --tools lowbit,llmcompressor") + \
         f" --windows {args.windows} --samples {args.samples} --seq-len {args.seq_len} --decode-tokens {args.decode_tokens}"
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
-    write_report(cells, results, key=key, command=command, machine=machine, markdown=args.markdown,
-                 plot_dir=args.plot_dir, work_meta=_work_meta(root, stem))
+    sparse = args.suite == "sparse"
+    write_report(cells, results, key=f"{key}-sparse" if sparse else key, command=command, machine=machine,
+                 markdown=args.markdown, plot_dir=args.plot_dir, work_meta=_work_meta(root, stem),
+                 title=f"## Pruning side by side on {key}: lowbit and llm-compressor" if sparse else None)
 
 
 def _work_meta(root: Path, stem: str) -> dict:

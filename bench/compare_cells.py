@@ -28,6 +28,11 @@ class Cell:
     calibrated: bool = False
     pair: str | None = None  #: key of the lowbit cell this one is compared with
     note: str = field(default="", compare=False)
+    group: str = ""  #: the report's table for this cell (default: its bit width)
+
+    @property
+    def table(self) -> str:
+        return self.group or f"{self.bits}-bit"
 
     @property
     def key(self) -> str:
@@ -120,3 +125,31 @@ PEERS = [
 ]
 
 CELLS = [Cell("fp32", "fp32", 0, ("--scheme", "fp32"))] + LOWBIT + PEERS
+
+
+def _prune(tool: str, method: str, group: str, args: tuple[str, ...], calibrated: bool = True,
+           pair: str | None = None, note: str = "") -> Cell:
+    return Cell(tool, method, 32, args, calibrated=calibrated, pair=pair, note=note, group=group)
+
+
+#: ``bench/compare.py --suite sparse``: one-shot pruning of SmolLM2's decoder Linears, float weights kept
+SPARSE_LOWBIT = [
+    _prune("lowbit", "magnitude 50%", "50% unstructured", ("--scheme", "s=50%", "--method", "magnitude"),
+           calibrated=False, note="plain magnitude pruning, each layer's smallest half: the reference"),
+    _prune("lowbit", "Wanda 50%", "50% unstructured", ("--scheme", "s=50%", "--method", "wanda")),
+    _prune("lowbit", "SparseGPT 50%", "50% unstructured", ("--scheme", "s=50%", "--method", "sparsegpt")),
+    _prune("lowbit", "magnitude 2:4", "2:4", ("--scheme", "s=2:4", "--method", "magnitude"), calibrated=False),
+    _prune("lowbit", "Wanda 2:4", "2:4", ("--scheme", "s=2:4", "--method", "wanda")),
+    _prune("lowbit", "SparseGPT 2:4", "2:4", ("--scheme", "s=2:4", "--method", "sparsegpt")),
+]
+_S = {c.method: c.key for c in SPARSE_LOWBIT}
+SPARSE_PEERS = [
+    _prune("llmcompressor", "SparseGPT 50%", "50% unstructured", ("--method", "sparsegpt", "--sparsity", "0.5"),
+           pair=_S["SparseGPT 50%"]),
+    _prune("llmcompressor", "Wanda 50%", "50% unstructured", ("--method", "wanda", "--sparsity", "0.5"),
+           pair=_S["Wanda 50%"]),
+    _prune("llmcompressor", "SparseGPT 2:4", "2:4", ("--method", "sparsegpt", "--pattern", "2:4"),
+           pair=_S["SparseGPT 2:4"]),
+    _prune("llmcompressor", "Wanda 2:4", "2:4", ("--method", "wanda", "--pattern", "2:4"), pair=_S["Wanda 2:4"]),
+]
+SPARSE_CELLS = [CELLS[0]] + SPARSE_LOWBIT + SPARSE_PEERS

@@ -35,8 +35,9 @@ def table(rows: list[tuple[Cell, dict]], meta: dict) -> list[str]:
             lines.append(f"| {name} | {cell.method} | **failed**: {error} |" + " |" * 9)
             continue
         size = None if r.get("size_bytes") is None else r["size_bytes"] / 1e6
+        method = cell.method if r.get("sparsity") is None else f"{cell.method} (measured sparsity {r['sparsity']:.4f})"
         lines.append(
-            f"| {name} | {cell.method} | {_calibration({**r, 'calibrated': cell.calibrated}, meta)} "
+            f"| {name} | {method} | {_calibration({**r, 'calibrated': cell.calibrated}, meta)} "
             f"| {_f(r.get('bpw'), '.3f')} | {_f(size, '.1f')} "
             f"| {r['pydoc']['ppl']:.3f} | {r['pydoc']['kl']:.4f} | {r['prose']['ppl']:.3f} | {r['prose']['kl']:.4f} "
             f"| {r['quantize_seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['decode_tok_s']:.1f} |")
@@ -122,7 +123,7 @@ def pareto_plot(results: list[dict], fp32: dict | None, path: Path, title: str) 
 
 
 def write_report(cells: list[Cell], results: dict, *, key: str, command: str, machine: str, markdown: Path,
-                 plot_dir: Path, work_meta: dict) -> None:
+                 plot_dir: Path, work_meta: dict, title: str | None = None) -> None:
     """The model's section of ``markdown``: a table and ratios per bit width, and the Pareto plot."""
     import torch
 
@@ -131,7 +132,7 @@ def write_report(cells: list[Cell], results: dict, *, key: str, command: str, ma
     link = os.path.relpath(plot, markdown.parent)
     meta = work_meta
     begin, end = f"<!-- compare:{key}:begin -->", f"<!-- compare:{key}:end -->"
-    lines = [begin, f"## Side by side on {key}: lowbit and the peer toolkits", "",
+    lines = [begin, title or f"## Side by side on {key}: lowbit and the peer toolkits", "",
              f"Reproduce: `{command}` (cells cached in `bench/out/compare/{key}/cells/`; `--fresh` recomputes; "
              "peers need `bench/peers/setup.sh TOOL` first).",
              f"Every tool ran in its own environment on the same fp32 folder, and was scored by the same code "
@@ -143,17 +144,17 @@ def write_report(cells: list[Cell], results: dict, *, key: str, command: str, ma
              f"{meta.get('decode_tokens', '?')} new tokens after a 32-token prompt, the live quantized model "
              f"(prefill included), median of 3 timed runs after a warm-up. Machine: {machine}, torch {torch.__version__}.", "",
              f"![bits per weight against perplexity]({link})", ""]
-    by_bits: dict[int, list[tuple[Cell, dict]]] = {}
+    by_table: dict[str, list[tuple[Cell, dict]]] = {}
     for cell in cells:
         if cell.tool != "fp32" and cell.key in results:
-            by_bits.setdefault(cell.bits, []).append((cell, results[cell.key]))
-    for bits, rows in by_bits.items():
+            by_table.setdefault(cell.table, []).append((cell, results[cell.key]))
+    for bits, rows in by_table.items():
         head = [(cells[0], fp32)] if fp32 else []
-        lines += [f"### {bits}-bit", "", "Each tool's best:", ""] + best_per_tool(rows, meta.get("ood", "prose")) + [""]
+        lines += [f"### {bits}", "", "Each tool's best:", ""] + best_per_tool(rows, meta.get("ood", "prose")) + [""]
         lines += ["Every run:", ""] + table(head + rows, meta) + [""]
         ratio = ratios(rows, results)
         if ratio:
-            lines += [f"lowbit ÷ peer, {bits}-bit, same run (below 1 is lowbit lower: better for perplexity, KL, "
+            lines += [f"lowbit ÷ peer, {bits}, same run (below 1 is lowbit lower: better for perplexity, KL, "
                       "seconds and memory; above 1 is lowbit faster for decode):", ""] + ratio + [""]
     notes = [f"- {TOOL_NAMES.get(c.tool, c.tool)} {c.method}: {c.note}." for c in cells if c.note and c.key in results]
     if notes:

@@ -44,7 +44,9 @@ from safetensors.torch import save_file
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
+    ap.add_argument("--method", choices=("gptq", "rtn", "sparsegpt", "wanda"), default="gptq")
+    ap.add_argument("--sparsity", type=float, default=0.5, help="sparsegpt/wanda: fraction of weights pruned")
+    ap.add_argument("--pattern", default=None, help="sparsegpt/wanda: N:M mask structure, e.g. 2:4")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group", type=int, default=64, help="inputs per group; 0: per output channel")
     ap.add_argument("--asym", action="store_true")
@@ -68,6 +70,8 @@ def main() -> None:
     torch.manual_seed(0)
     loaded = load_model(args.model)  # fp32 (lowbit loads GGUF dequantized)
     model, tok = loaded.model.eval(), loaded.tokenizer
+    if args.method in ("sparsegpt", "wanda"):
+        return prune(args, model, tok)
     if args.group:
         weights = QuantizationArgs(num_bits=args.bits, type="int", symmetric=not args.asym, strategy="group",
                                    group_size=args.group)
@@ -138,6 +142,40 @@ def main() -> None:
               "bpw": bpw, "quantized_params": params}
     (args.out / "result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
+
+
+def prune(args, model, tok) -> None:
+    """llm-compressor's SparseGPT or Wanda modifier with its defaults, on the work folder's windows,
+    every Linear of the decoder blocks (lm_head left dense, as in lowbit's plan); the live pruned
+    model is scored. Weights stay fp32, so bits/weight is 32."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import WandaPruningModifier
+    from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
+    from peer_eval import calibration, finish
+
+    ids = calibration(args.work)  # (samples, seq_len) int64, the windows every calibrated tool uses
+    args.samples, args.seq_len = ids.shape
+    digest = hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    structure = args.pattern or "0:0"
+    cls = SparseGPTModifier if args.method == "sparsegpt" else WandaPruningModifier
+    recipe = cls(sparsity=args.sparsity, mask_structure=structure, targets=["Linear"], ignore=["lm_head"])
+    t0 = time.perf_counter()
+    oneshot(model=model, tokenizer=tok, recipe=recipe, dataset=data, num_calibration_samples=args.samples,
+            max_seq_length=args.seq_len, shuffle_calibration_samples=False)
+    seconds = time.perf_counter() - t0
+    zeros, total = 0, 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            zeros += int((module.weight == 0).sum())
+            total += module.weight.numel()
+    saved = args.out / "model"
+    model.save_pretrained(saved)
+    finish(args.out, model, args.work, tool="llm-compressor", version=importlib.metadata.version("llmcompressor"),
+           quantize_seconds=seconds, bpw=32.0, saved=saved, sparsity=zeros / total,
+           settings={"method": args.method, "sparsity": args.sparsity, "mask_structure": structure,
+                     "samples": args.samples, "calibration_sha256": digest})
 
 
 if __name__ == "__main__":

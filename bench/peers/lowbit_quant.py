@@ -22,7 +22,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--scheme", required=True, help="a lowbit scheme, or fp32: the unquantized reference row")
-    ap.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
+    ap.add_argument("--method", choices=("rtn", "gptq", "magnitude", "wanda", "sparsegpt"), default="rtn",
+                    help="a weight method, or a pruning method with a sparsity scheme (s=50%%, s=2:4)")
     ap.add_argument("--damp", type=float, default=None, help="GPTQ dampening (default: lowbit's)")
     ap.add_argument("--no-act-order", action="store_true")
     ap.add_argument("--work", type=Path, default=None)
@@ -43,11 +44,14 @@ def main() -> None:
         return
     options: dict = {}
     calib = None
-    if args.method == "gptq":
+    if args.method in ("gptq", "wanda", "sparsegpt"):
         if args.work is None:
-            raise SystemExit("--method gptq needs --work (its calibration windows)")
+            raise SystemExit(f"--method {args.method} needs --work (its calibration windows)")
         calib = calibration(args.work)
+    if args.method == "gptq":
         options = {"damp": DEFAULT_DAMP if args.damp is None else args.damp, "act_order": not args.no_act_order}
+    elif args.method == "sparsegpt" and args.damp is not None:
+        options = {"damp": args.damp}
     t0 = time.perf_counter()
     lowbit.quantize(loaded.model, args.scheme, method=args.method, calib=calib, progress=False, **options)
     seconds = time.perf_counter() - t0
@@ -56,10 +60,20 @@ def main() -> None:
     peak = peak_rss_mb()
     del loaded
     model = lowbit.load(saved)
+    bpw = manifest_bits_per_weight(saved)  # None for a pruned float model: its weights stay fp32
     finish(args.out, model, args.work, tool="lowbit", version=lowbit.__version__, quantize_seconds=seconds,
-           bpw=manifest_bits_per_weight(saved), saved=saved, peak_rss_mb=peak,
+           bpw=32.0 if bpw is None else bpw, saved=saved, peak_rss_mb=peak, sparsity=_sparsity(saved),
            settings={"scheme": args.scheme, "method": args.method, **options,
                      "samples": 0 if calib is None else int(calib.shape[0])})
+
+
+def _sparsity(folder: Path) -> float | None:
+    """Fraction of zeros over the saved folder's keep-masks (None when nothing was pruned)."""
+    from lowbit.cli_prune import measured_sparsity
+
+    rows = measured_sparsity(folder)
+    sizes = [r["shape"][0] * r["shape"][1] for r in rows]
+    return sum(r["sparsity"] * n for r, n in zip(rows, sizes)) / sum(sizes) if rows else None
 
 
 if __name__ == "__main__":
