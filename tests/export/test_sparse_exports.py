@@ -242,3 +242,57 @@ def test_compressed_tensors_densifies_and_decompresses_to_lowbit(kind, scheme, t
         x = families.example_input("llama")                # test_compressed_tensors): vLLM and the dequantizer read them
         reread = AutoModelForCausalLM.from_pretrained(out).eval()
         assert torch.equal(families.output(reread, x), families.output(model, x))
+
+
+# --- ONNX -------------------------------------------------------------------------------------
+ONNX_CASES = [("2:4", None), ("2:4", "int8:channel"), ("50%", "uint4:g32"), ("2:4-after", "int4:g32")]
+
+
+def sparse_mlp(kind: str, scheme: str | None) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = families.MLP().eval()
+    if kind.endswith("-after"):
+        lowbit.quantize(model, scheme, progress=False)
+        from lowbit.nn.reference import attach
+
+        for name, param, qt, dtype in list(quantized_tensors(model)):
+            attach(model.get_submodule(name), param, replace(qt, mask=keep_mask(qt.dequantize(), "2:4")), dtype)
+        return model
+    prune(model, kind)
+    return model if scheme is None else lowbit.quantize(model, scheme, progress=False)
+
+
+@pytest.mark.parametrize("kind, scheme", ONNX_CASES)
+def test_onnx_densifies_and_onnxruntime_reads_zeros_where_the_mask_says(kind, scheme, tmp_path, caplog):
+    from lowbit.export.onnx import export_module
+
+    model, x = sparse_mlp(kind, scheme), families.example_input("mlp")
+    want = pruned_weights(model)
+    assert len(want) == 3
+    with caplog.at_level(logging.WARNING):
+        path = export_module(model, (x,), tmp_path / "m.onnx")
+    assert "onnx: ONNX QDQ has no sparse weight format; 3 pruned weights" in caplog.text
+    np.testing.assert_allclose(run(path, x), families.output(model, x).numpy(), rtol=0, atol=ATOL)
+    if scheme is None:  # float initializers, read with onnx's own numpy_helper
+        read = [onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer]
+    else:  # each weight as onnxruntime's own DequantizeLinear computes it
+        read = list(dequantized(path, sorted(want), x).values())
+    for key, (w, keep) in want.items():
+        hits = [(y, k) for y in read for c, k in ((w.numpy(), keep), (w.numpy().T, keep.T))
+                if y.shape == c.shape and np.array_equal(y.view(np.uint32), c.view(np.uint32))]
+        assert hits, key  # bit for bit, +0.0 included
+        y, k = hits[0]
+        assert (y[~k.numpy()] == 0).all(), key
+
+
+def test_onnx_llama_folder_with_masked_weights(tmp_path, caplog):
+    """The CLI path: a saved, pruned-then-quantized Llama folder -> onnxruntime logits."""
+    from test_onnx import session
+
+    model, folder = sparse_folder(tmp_path / "q", "2:4-after", "int4:g32")
+    with caplog.at_level(logging.WARNING):
+        path = export(folder, "onnx", tmp_path / "llama.onnx")
+    assert "14 pruned weights" in caplog.text
+    ids = torch.randint(0, families.V, (2, 7), generator=torch.Generator().manual_seed(1))
+    y = session(path).run(None, {"input_ids": ids.numpy()})[0]
+    np.testing.assert_allclose(y, families.output(model, ids).numpy(), rtol=0, atol=ATOL)

@@ -163,7 +163,7 @@ def _onnx():
 def _as_float32(model: nn.Module) -> nn.Module:
     """Cast ``model`` to float32, its quantized weights dequantized afresh in float32 (exact)."""
     rows = [r for r in quantized_tensors(model) if r[3] != torch.float32]  # float32 ones are exact already
-    model.float()
+    nn.Module.float(model)  # transformers' own .float() refuses a model its quantizer loaded (is_quantized)
     shared: dict[int, torch.Tensor] = {}
     for module_name, param, qt, _ in rows:
         shared[id(qt)] = attach(model.get_submodule(module_name), param, qt, torch.float32, shared.get(id(qt)))
