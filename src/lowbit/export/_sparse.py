@@ -27,7 +27,7 @@ quantized + masked         each pruned code becomes its block's zero code (``fol
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -99,34 +99,3 @@ def warn_dense(target: str, keys: list[str]) -> None:
                     "file is no smaller for its sparsity; the lowbit folder keeps the masks)", target,
                     NO_SPARSE_FORMAT[target], len(keys), "s" if len(keys) > 1 else "", ", ".join(sorted(keys)[:3]),
                     ", ..." if len(keys) > 3 else "")
-
-
-def is_two_four(mask: Tensor, layout: str) -> bool:
-    """True when every run of 4 inputs of every row keeps at most 2 weights (mask: bool)."""
-    m = matrix_view(mask, layout)  # (rows, cols)
-    return m.shape[1] % 4 == 0 and bool((m.reshape(m.shape[0], -1, 4).sum(-1) <= 2).all())
-
-
-@dataclass(frozen=True)
-class Sparsity:
-    """How one weight is pruned: ``zeros`` of ``numel`` weights dropped, and whether it is 2:4."""
-
-    zeros: int
-    numel: int
-    two_four: bool
-
-    @classmethod
-    def of(cls, mask: Tensor, layout: str) -> "Sparsity":
-        return cls(int((~mask).sum()), mask.numel(), is_two_four(mask, layout))
-
-
-def sparsity_config(pruned: dict[str, Sparsity]) -> dict:
-    """compressed-tensors' ``sparsity_config`` for weights written dense (``DenseSparsityConfig``).
-
-    ``targets``: the modules of the pruned weights (keys ``<module>.<param>``); ``global_sparsity``:
-    the fraction of their weights pruned; ``sparsity_structure``: ``2:4`` when every one is 2:4.
-    """
-    zeros, numel = sum(p.zeros for p in pruned.values()), sum(p.numel for p in pruned.values())
-    return {"format": "dense", "targets": sorted({k.rpartition(".")[0] for k in pruned}), "ignore": [],
-            "global_sparsity": zeros / numel if numel else 0.0,
-            "sparsity_structure": "2:4" if all(p.two_four for p in pruned.values()) else "unstructured"}

@@ -33,9 +33,10 @@ compressed-tensors releases pack the same way).
 
 Sparse models are densified with a warning (``lowbit.export._sparse``): compressed-tensors 0.15+
 has no sparse compressor, so pruned weights are written as stored zeros (quantized + masked: the
-exact zero code, refused where the format has none) and ``sparsity_config`` says so with format
-``dense`` (compressed-tensors' ``DenseSparsityConfig``: targets, global sparsity, structure
-``2:4`` or ``unstructured``). A float pruned model becomes a plain dense folder.
+exact zero code; the int and fp8 formats exported here always have one). ``sparsity_config``
+stays ``{}``, as compressed-tensors itself writes it: current vLLM raises for a sparsity_config
+that names targets ("Sparsity support has been removed from compressed-tensors"), even one of
+format ``dense``. A float pruned model becomes a plain dense folder (no quantization_config).
 
 Exactness: compressed-tensors dequantizes in the dtype of the stored scale,
 ``(q - zp).to(scale.dtype) * scale``; with float16 scales that product would round to float16.
@@ -64,8 +65,8 @@ from lowbit.formats.int import IntFormat
 from lowbit.export._roles import refuse_extras
 from lowbit.io import INDEX, MANIFEST, WEIGHTS, read_manifest
 from lowbit.packing import pack
-from lowbit.export._sparse import Sparsity, fold_mask, sparsity_config, warn_dense
-from lowbit.qtensor import CORE_ROLES, QuantizedTensor, unpack_mask
+from lowbit.export._sparse import fold_mask, warn_dense
+from lowbit.qtensor import CORE_ROLES, QuantizedTensor
 from lowbit.schemes import describe
 from lowbit.spec import PerTensor, QuantSpec, tile_of
 
@@ -110,11 +111,7 @@ def export(path: Path, out: Path, overwrite: bool = False) -> Path:
     _warn_scale_cast(manifest)
     config = _config(path, manifest, list(layers.values()), modules)
     with atomic_folder(out, overwrite) as tmp:
-        pruned = _write_weights(path, tmp, manifest, layers, tied)
-        if pruned:
-            warn_dense("compressed-tensors", sorted(pruned))
-            if "quantization_config" in config:
-                config["quantization_config"]["sparsity_config"] = sparsity_config(pruned)
+        warn_dense("compressed-tensors", _write_weights(path, tmp, manifest, layers, tied))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for f in sorted(path.iterdir()):  # tokenizer, generation config, chat template
             if f.is_file() and f.name not in _SKIP_FILES and not f.name.endswith(".safetensors"):
@@ -264,16 +261,16 @@ def pack_int32(codes: Tensor, bits: int) -> Tensor:
 
 
 def _write_weights(path: Path, tmp: Path, manifest: dict[str, Any], layers: dict[str, Layer],
-                   tied: set[str]) -> dict[str, Sparsity]:
+                   tied: set[str]) -> list[str]:
     """Convert shard by shard under the input's file names; an index when the input had one.
 
-    Returns the sparsity of every pruned weight written (densified), by key.
+    Returns the keys of the pruned weights written dense.
     """
     index = path / INDEX
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS]
     weight_map: dict[str, str] = {}
     total = 0
-    pruned: dict[str, Sparsity] = {}
+    pruned: list[str] = []
     for shard in shards:
         tensors = _convert(load_file(str(path / shard)), manifest, layers, tied, pruned)
         save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
@@ -282,13 +279,13 @@ def _write_weights(path: Path, tmp: Path, manifest: dict[str, Any], layers: dict
     if index.is_file():
         text = json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
         (tmp / INDEX).write_text(text + "\n")
-    return pruned
+    return sorted(pruned)
 
 
 def _convert(tensors: dict[str, Tensor], manifest: dict[str, Any], layers: dict[str, Layer],
-             tied: set[str], pruned: dict[str, Sparsity]) -> dict[str, Tensor]:
+             tied: set[str], pruned: list[str]) -> dict[str, Tensor]:
     """One shard's lowbit tensors -> compressed-tensors tensors; masked weights densified (their
-    sparsity goes into ``pruned``), float masks dropped (the weights hold their zeros)."""
+    keys go into ``pruned``), float masks dropped (the weights hold their zeros)."""
     out: dict[str, Tensor] = {}
     for key, layer in layers.items():
         if f"{key}.codes" not in tensors:
@@ -296,12 +293,12 @@ def _convert(tensors: dict[str, Tensor], manifest: dict[str, Any], layers: dict[
         parts = {r: tensors.pop(f"{key}.{r}") for r in (*CORE_ROLES, "mask") if f"{key}.{r}" in tensors}
         qt = QuantizedTensor.from_tensors(manifest["quantized"][key], parts)
         if qt.mask is not None:
-            pruned[key] = Sparsity.of(qt.mask, qt.layout)
+            pruned.append(key)
         qt = fold_mask(qt, key, "compressed-tensors")
         out.update({f"{layer.module}.{name}": t for name, t in compress(qt, layer).items()})
     for key, m in manifest["masks"].items():
-        if m["tensor"] in tensors:
-            pruned[key] = Sparsity.of(unpack_mask(tensors.pop(m["tensor"]), tuple(m["shape"])), "rows")
+        if tensors.pop(m["tensor"], None) is not None:
+            pruned.append(key)
     names: dict[str, list[str]] = {}  # a tied tensor is written under the names HF keeps
     for alias, source in manifest["aliases"].items():
         names.setdefault(source, [source]).append(alias)
