@@ -31,12 +31,10 @@ lowbit's fp8_e4m3fn codes are the bits of ``torch.float8_e4m3fn``. Only 4 and 8 
 exported: vLLM's WNA16 kernels take no other width (and at these widths older
 compressed-tensors releases pack the same way).
 
-Sparse models are densified with a warning (``lowbit.export._sparse``): compressed-tensors 0.15+
-has no sparse compressor, so pruned weights are written as stored zeros (quantized + masked: the
-exact zero code; the int and fp8 formats exported here always have one). ``sparsity_config``
-stays ``{}``, as compressed-tensors itself writes it: current vLLM raises for a sparsity_config
-that names targets ("Sparsity support has been removed from compressed-tensors"), even one of
-format ``dense``. A float pruned model becomes a plain dense folder (no quantization_config).
+Sparse models are densified with a warning (``lowbit.export._sparse``): pruned weights become
+stored zeros (the int and fp8 formats here always have an exact zero code). ``sparsity_config``
+stays ``{}``: current vLLM raises for one that names targets, even of format ``dense``. A float
+pruned model becomes a plain dense folder.
 
 Exactness: compressed-tensors dequantizes in the dtype of the stored scale,
 ``(q - zp).to(scale.dtype) * scale``; with float16 scales that product would round to float16.
@@ -284,8 +282,8 @@ def _write_weights(path: Path, tmp: Path, manifest: dict[str, Any], layers: dict
 
 def _convert(tensors: dict[str, Tensor], manifest: dict[str, Any], layers: dict[str, Layer],
              tied: set[str], pruned: list[str]) -> dict[str, Tensor]:
-    """One shard's lowbit tensors -> compressed-tensors tensors; masked weights densified (their
-    keys go into ``pruned``), float masks dropped (the weights hold their zeros)."""
+    """One shard's lowbit tensors -> compressed-tensors tensors; masked weights densified, float
+    masks dropped (the weights hold their zeros); the keys of both go into ``pruned``."""
     out: dict[str, Tensor] = {}
     for key, layer in layers.items():
         if f"{key}.codes" not in tensors:
