@@ -249,6 +249,11 @@ def load_into(model: nn.Module, path: str | os.PathLike, packed: bool = True) ->
     quantized tensors, and every one with ``packed=False``, take the reference path
     (``lowbit.nn.reference.attach``: the module computes with the dequantized weight). Float
     weights pruned in place get their masks back (``lowbit.nn.reference.attach_mask``).
+
+    Sparse weights come back with their zeros in place either way: a quantized weight's ``mask``
+    role stays in its QuantizedTensor, which both paths dequantize with the mask applied (the
+    packed int8/int4 kernels only take a mask whose pruned codes are already the zero code,
+    ``lowbit.nn.quant_linear.mask_is_free``; any other masked weight takes the dequant kernel).
     """
     path = Path(path)
     manifest = read_manifest(path)

@@ -124,7 +124,9 @@ def test_exports_refuse_what_they_cannot_store(extras, w8a8, target, tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
-def test_exports_refuse_a_float_mask(tmp_path):
+def test_exports_densify_a_float_mask(tmp_path):
+    """No export target has a sparse format: a float pruned lm_head is written with its zeros
+    (tests/export/test_sparse_exports.py covers every target)."""
     torch.manual_seed(0)
     model = families.llama().eval()
     lowbit.quantize(model, "w4g32", progress=False)
@@ -135,9 +137,12 @@ def test_exports_refuse_a_float_mask(tmp_path):
     attach_mask(head, "weight", keep)
     lowbit.save(model, tmp_path / "q")
     from lowbit.export import export
+    from safetensors.torch import load_file
 
-    with pytest.raises(LowbitError, match=r"gguf cannot store the sparsity mask \(mask\) of lm_head\.weight"):
-        export(tmp_path / "q", "gguf", tmp_path / "x.gguf")
+    out = export(tmp_path / "q", "compressed-tensors", tmp_path / "ct")
+    written = load_file(out / "model.safetensors")
+    assert torch.equal(written["lm_head.weight"], head.weight.detach()) and "lm_head.weight_mask" not in written
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["ignore"] == ["lm_head"]
 
 
 def test_a_tampered_manifest_is_refused(w8a8, tmp_path):

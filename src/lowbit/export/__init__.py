@@ -13,6 +13,10 @@ onnx                 ``lowbit.export.onnx`` (QDQ)                  onnxruntime
 Each target module exposes ``export(path: Path, out: Path, overwrite: bool = False) -> Path`` and
 ``SUPPORTED``, a one-line description of the schemes it can represent; a scheme it cannot
 represent raises ``LowbitError`` that quotes it.
+
+Sparse models (float pruned, or quantized with a ``mask``) are densified with a warning: no
+target has a sparse format its current readers load, so pruned weights are written as exact
+zeros, and a masked weight whose format has no exact zero code is refused (``lowbit.export._sparse``).
 """
 from __future__ import annotations
 

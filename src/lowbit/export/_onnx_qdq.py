@@ -19,7 +19,9 @@ A partial last group is allowed; a bRxC tile's scale is repeated on each of its 
 weight grouped along its flattened ``in·kh·kw`` columns is dequantized as a matrix and
 reshaped; a weight the model computes with in float16 / bfloat16 gets a ``Cast``.
 ``(q - zero) * scale`` in float32 equals ``QuantizedTensor.dequantize()`` bit for bit: lowbit's
-scales are float32 numbers and both compute one subtraction and one product.
+scales are float32 numbers and both compute one subtraction and one product. A masked weight
+is written densified (pruned codes = the exact zero code: ``q = 0``, or ``q = zero``), since ONNX
+has no sparse weight format; float pruned weights stay float initializers holding their zeros.
 """
 from __future__ import annotations
 
@@ -50,7 +52,13 @@ class Entry:
 
 
 def entries(model: nn.Module) -> list[Entry]:
-    """One entry per distinct QuantizedTensor (tied weights share one); refuses what ONNX cannot hold."""
+    """One entry per distinct QuantizedTensor (tied weights share one); refuses what ONNX cannot hold.
+
+    A masked weight's entry holds it densified (``lowbit.export._sparse.fold_mask``): pruned codes
+    set to the exact zero code, so that its DequantizeLinear gives the masked weight exactly.
+    """
+    from lowbit.export._sparse import fold_mask
+    from lowbit.nn.reference import masks
     from lowbit.schemes import describe
 
     out, seen = [], set()
@@ -62,6 +70,7 @@ def entries(model: nn.Module) -> list[Entry]:
         if element(qt) is None:
             raise LowbitError(f"ONNX export cannot represent {key} quantized as {describe(qt.spec)}; "
                               f"supported: {SUPPORTED}")
+        qt = fold_mask(qt, key, "onnx")
         module = model.get_submodule(module_name)
         weight = getattr(module, param, None)
         if not isinstance(weight, torch.Tensor):
@@ -70,8 +79,8 @@ def entries(model: nn.Module) -> list[Entry]:
         if weight.dtype not in FLOATS:
             raise LowbitError(f"{key} computes in {weight.dtype}; ONNX export needs float32, float16 or bfloat16")
         out.append(Entry(key, qt, weight.detach()))
-    if not out:
-        raise LowbitError("the model has no quantized weights; quantize it with lowbit.quantize first")
+    if not out and next(masks(model), None) is None:  # a float pruned model exports as float, zeros in place
+        raise LowbitError("the model has no quantized or pruned weights; quantize it with lowbit.quantize first")
     return out
 
 

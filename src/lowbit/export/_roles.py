@@ -2,7 +2,9 @@
 
 lowbit's own folder stores every role of a QuantizedTensor (``lowbit.qtensor``), input
 activation specs and float sparsity masks. The exports store codes, scales, zeros and global
-scales only; each other part is refused with a one-line ``LowbitError`` naming it and the tensor.
+scales; masks only where the target passes ``allow=("mask",)`` (every target does: it writes
+pruned weights as stored zeros, ``lowbit.export._sparse``). Each other part is refused with a
+one-line ``LowbitError`` naming it and the tensor.
 """
 from __future__ import annotations
 
@@ -22,25 +24,30 @@ def _refuse(target: str, role: str, key: str) -> LowbitError:
                        "or keep the lowbit folder (lowbit.load, from_pretrained and lowbit eval read it)")
 
 
-def refuse_extras(manifest: dict[str, Any], target: str) -> None:
-    """Raise for the first quantized tensor (or float mask) of ``manifest`` that ``target`` cannot store."""
+def refuse_extras(manifest: dict[str, Any], target: str, allow: Iterable[str] = ()) -> None:
+    """Raise for the first quantized tensor (or float mask) of ``manifest`` that ``target`` cannot
+    store; ``allow`` lists the roles (``"mask"``) the target handles itself."""
+    allow = frozenset(allow)
     for key, meta in sorted(manifest["quantized"].items()):
-        _check(target, key, meta.get("roles", ()), meta.get("input") is not None)
+        _check(target, key, meta.get("roles", ()), meta.get("input") is not None, allow)
     for key in sorted(manifest.get("masks", {})):
-        raise _refuse(target, "mask", key)
+        if "mask" not in allow:
+            raise _refuse(target, "mask", key)
 
 
-def refuse_model_extras(model: nn.Module, target: str) -> None:
+def refuse_model_extras(model: nn.Module, target: str, allow: Iterable[str] = ()) -> None:
     """The same for a model in memory."""
+    allow = frozenset(allow)
     for name, param, qt, _ in sorted(quantized_tensors(model), key=lambda r: (r[0], r[1])):
         key = f"{name}.{param}" if name else param
-        _check(target, key, [r for r in qt.to_tensors() if r in WHAT], qt.input is not None)
+        _check(target, key, [r for r in qt.to_tensors() if r in WHAT], qt.input is not None, allow)
     for name, param, _ in sorted(masks(model), key=lambda r: (r[0], r[1])):
-        raise _refuse(target, "mask", f"{name}.{param}" if name else param)
+        if "mask" not in allow:
+            raise _refuse(target, "mask", f"{name}.{param}" if name else param)
 
 
-def _check(target: str, key: str, roles: Iterable[str], has_input: bool) -> None:
-    for role in sorted(roles):
+def _check(target: str, key: str, roles: Iterable[str], has_input: bool, allow: frozenset[str]) -> None:
+    for role in sorted(set(roles) - allow):
         raise _refuse(target, role, key)
     if has_input:
         raise _refuse(target, "input", key)

@@ -31,6 +31,11 @@ lowbit's fp8_e4m3fn codes are the bits of ``torch.float8_e4m3fn``. Only 4 and 8 
 exported: vLLM's WNA16 kernels take no other width (and at these widths older
 compressed-tensors releases pack the same way).
 
+Sparse models are densified with a warning (``lowbit.export._sparse``): pruned weights become
+stored zeros (the int and fp8 formats here always have an exact zero code). ``sparsity_config``
+stays ``{}``: current vLLM raises for one that names targets, even of format ``dense``. A float
+pruned model becomes a plain dense folder.
+
 Exactness: compressed-tensors dequantizes in the dtype of the stored scale,
 ``(q - zp).to(scale.dtype) * scale``; with float16 scales that product would round to float16.
 Scales are therefore stored as float32 (they hold lowbit's float16/bfloat16 scale values
@@ -58,6 +63,7 @@ from lowbit.formats.int import IntFormat
 from lowbit.export._roles import refuse_extras
 from lowbit.io import INDEX, MANIFEST, WEIGHTS, read_manifest
 from lowbit.packing import pack
+from lowbit.export._sparse import fold_mask, warn_dense
 from lowbit.qtensor import CORE_ROLES, QuantizedTensor
 from lowbit.schemes import describe
 from lowbit.spec import PerTensor, QuantSpec, tile_of
@@ -94,15 +100,16 @@ def export(path: Path, out: Path, overwrite: bool = False) -> Path:
     if manifest["model"]["kind"] != "hf" or not (path / "config.json").is_file():
         raise LowbitError(f"{path} holds no Hugging Face model (config.json); compressed-tensors exports need one, "
                           "e.g. a model quantized with `lowbit quantize`")
-    refuse_extras(manifest, "compressed-tensors")
-    if not manifest["quantized"]:
-        raise LowbitError(f"{path} holds no quantized weights; there is nothing for compressed-tensors to store")
+    refuse_extras(manifest, "compressed-tensors", allow=("mask",))
+    if not manifest["quantized"] and not manifest["masks"]:
+        raise LowbitError(f"{path} holds no quantized or pruned weights; there is nothing for compressed-tensors "
+                          "to store")
     modules, tied = _skeleton(path, manifest)
     layers = {key: plan_layer(key, meta, modules) for key, meta in manifest["quantized"].items()}
     _warn_scale_cast(manifest)
     config = _config(path, manifest, list(layers.values()), modules)
     with atomic_folder(out, overwrite) as tmp:
-        _write_weights(path, tmp, manifest, layers, tied)
+        warn_dense("compressed-tensors", _write_weights(path, tmp, manifest, layers, tied))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for f in sorted(path.iterdir()):  # tokenizer, generation config, chat template
             if f.is_file() and f.name not in _SKIP_FILES and not f.name.endswith(".safetensors"):
@@ -184,7 +191,9 @@ def _config(path: Path, manifest: dict[str, Any], layers: list[Layer], modules: 
     ignore = sorted(n for n, m in modules.items() if isinstance(m, nn.Linear) and n not in quantized)
     config = json.loads((path / "config.json").read_text())
     config.setdefault("dtype", manifest["model"]["dtype"])
-    config["quantization_config"] = quantization_config(layers, ignore)
+    config.pop("quantization_config", None)  # lowbit's own
+    if layers:  # a float pruned model is a plain dense folder
+        config["quantization_config"] = quantization_config(layers, ignore)
     return config
 
 
@@ -250,32 +259,44 @@ def pack_int32(codes: Tensor, bits: int) -> Tensor:
 
 
 def _write_weights(path: Path, tmp: Path, manifest: dict[str, Any], layers: dict[str, Layer],
-                   tied: set[str]) -> None:
-    """Convert shard by shard under the input's file names; an index when the input had one."""
+                   tied: set[str]) -> list[str]:
+    """Convert shard by shard under the input's file names; an index when the input had one.
+
+    Returns the keys of the pruned weights written dense.
+    """
     index = path / INDEX
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS]
     weight_map: dict[str, str] = {}
     total = 0
+    pruned: list[str] = []
     for shard in shards:
-        tensors = _convert(load_file(str(path / shard)), manifest, layers, tied)
+        tensors = _convert(load_file(str(path / shard)), manifest, layers, tied, pruned)
         save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
         weight_map.update({k: shard for k in tensors})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
     if index.is_file():
         text = json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
         (tmp / INDEX).write_text(text + "\n")
+    return sorted(pruned)
 
 
 def _convert(tensors: dict[str, Tensor], manifest: dict[str, Any], layers: dict[str, Layer],
-             tied: set[str]) -> dict[str, Tensor]:
-    """One shard's lowbit tensors -> compressed-tensors tensors."""
+             tied: set[str], pruned: list[str]) -> dict[str, Tensor]:
+    """One shard's lowbit tensors -> compressed-tensors tensors; masked weights densified, float
+    masks dropped (the weights hold their zeros); the keys of both go into ``pruned``."""
     out: dict[str, Tensor] = {}
     for key, layer in layers.items():
         if f"{key}.codes" not in tensors:
             continue  # stored in another shard
-        parts = {r: tensors.pop(f"{key}.{r}") for r in CORE_ROLES if f"{key}.{r}" in tensors}
+        parts = {r: tensors.pop(f"{key}.{r}") for r in (*CORE_ROLES, "mask") if f"{key}.{r}" in tensors}
         qt = QuantizedTensor.from_tensors(manifest["quantized"][key], parts)
+        if qt.mask is not None:
+            pruned.append(key)
+        qt = fold_mask(qt, key, "compressed-tensors")
         out.update({f"{layer.module}.{name}": t for name, t in compress(qt, layer).items()})
+    for key, m in manifest["masks"].items():
+        if tensors.pop(m["tensor"], None) is not None:
+            pruned.append(key)
     names: dict[str, list[str]] = {}  # a tied tensor is written under the names HF keeps
     for alias, source in manifest["aliases"].items():
         names.setdefault(source, [source]).append(alias)

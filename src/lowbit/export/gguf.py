@@ -13,6 +13,11 @@ from the folder's ``tokenizer.json`` (see ``lowbit.export._gguf_vocab``).
 
 Every export is read back with ``gguf.GGUFReader``, dequantized with ``gguf.quants`` and
 compared for equality with lowbit's own dequantization before it is renamed into place.
+
+Sparse models are densified with a warning (GGUF has no sparse type; ``lowbit.export._sparse``):
+float pruned weights keep their zeros; a quantized + masked weight has each pruned code set to its
+block's exact zero code (Q8_0/Q4_0/Q5_0: the middle code), and is refused where the type has none
+(Q4_1/Q5_1's ``d·n + m`` is 0 for almost no ``n``).
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from torch import Tensor
 
 from lowbit.errors import LowbitError
 from lowbit.export._gguf_blocks import SPECS, codes, dequantize, gguf_type, pack_blocks
+from lowbit.export._sparse import fold_mask, warn_dense
 from lowbit.export._write import atomic_file
 from lowbit.qtensor import CORE_ROLES, QuantizedTensor
 
@@ -70,7 +76,11 @@ class Entry:
 
 
 def _sources(path: Path, manifest: dict) -> dict[str, QuantizedTensor | Tensor]:
-    """State-dict key -> its QuantizedTensor or plain tensor; tied keys share one object."""
+    """State-dict key -> its QuantizedTensor or plain tensor; tied keys share one object.
+
+    Masked weights come densified (``lowbit.export._sparse``): pruned codes folded to exact
+    zero codes, float masks dropped (the weights hold their zeros), with one warning.
+    """
     from lowbit.io import read_weights
 
     weights = read_weights(path)
@@ -81,8 +91,11 @@ def _sources(path: Path, manifest: dict) -> dict[str, QuantizedTensor | Tensor]:
         if "same_as" in meta:
             out[key] = out[meta["same_as"]]
             continue
-        roles = {r: weights.pop(f"{key}.{r}") for r in CORE_ROLES if f"{key}.{r}" in weights}
-        out[key] = QuantizedTensor.from_tensors(meta, roles)
+        roles = {r: weights.pop(f"{key}.{r}") for r in (*CORE_ROLES, "mask") if f"{key}.{r}" in weights}
+        out[key] = fold_mask(QuantizedTensor.from_tensors(meta, roles), key, "gguf")
+    for m in manifest["masks"].values():
+        weights.pop(m["tensor"], None)
+    warn_dense("gguf", sorted([*manifest["masks"], *(k for k, m in quantized.items() if "mask" in m.get("roles", ()))]))
     out.update(weights)
     for alias, source in manifest["aliases"].items():
         out[alias] = out[source]
@@ -193,7 +206,7 @@ def export(path: Path, out: Path, overwrite: bool = False) -> Path:
     gguf = _gguf()
     path, out = Path(path), Path(out)
     manifest = read_manifest(path)
-    refuse_extras(manifest, "gguf")
+    refuse_extras(manifest, "gguf", allow=("mask",))
     arch = architecture(path, manifest)
     config = transformers().AutoConfig.from_pretrained(str(path))
     vocab = read_vocab(path, config)

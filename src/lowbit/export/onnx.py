@@ -21,8 +21,9 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.export._onnx_qdq import SUPPORTED, entries, rewrite
 from lowbit.export._roles import refuse_extras, refuse_model_extras
+from lowbit.export._sparse import warn_dense
 from lowbit.export._write import atomic_file
-from lowbit.nn.reference import attach, quantized_tensors
+from lowbit.nn.reference import attach, masks, quantized_tensors
 from lowbit.version import __version__
 
 MIN_OPSET = 21  # int4/uint4 and blocked DequantizeLinear (block_size)
@@ -48,7 +49,7 @@ def export(path: Path, out: Path, overwrite: bool = False) -> Path:
 
     path = Path(path)
     manifest = read_manifest(path)
-    refuse_extras(manifest, "onnx")
+    refuse_extras(manifest, "onnx", allow=("mask",))
     if manifest["model"]["kind"] != "hf":
         raise LowbitError(f"{path} holds a plain PyTorch module, which cannot be rebuilt without its code; in "
                           "Python, rebuild it, call lowbit.load(path, model=skeleton), then "
@@ -80,8 +81,9 @@ def export_module(model: nn.Module, example_inputs: tuple, out: Path, overwrite:
     if opset < MIN_OPSET:
         raise LowbitError(f"opset {opset} is too old for int4 and blocked DequantizeLinear; use {MIN_OPSET} or newer")
     inner = model.model if isinstance(model, _InputIds) else model  # keys as lowbit saved them
-    refuse_model_extras(inner, "onnx")
+    refuse_model_extras(inner, "onnx", allow=("mask",))
     found = entries(inner)
+    warn_dense("onnx", _pruned_keys(inner))
     example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     with atomic_file(out, overwrite) as tmp:
         proto = _torch_export(model, example_inputs, opset, dynamic_shapes, input_names, output_names)
@@ -93,6 +95,12 @@ def export_module(model: nn.Module, example_inputs: tuple, out: Path, overwrite:
                               "holds at most 2 GiB (external data is not supported yet)")
         tmp.write_bytes(proto.SerializeToString())
     return Path(out)
+
+
+def _pruned_keys(model: nn.Module) -> list[str]:
+    """Keys of every pruned weight: float ones with a recorded mask, quantized ones with a mask role."""
+    keys = [f"{n}.{p}" for n, p, _ in masks(model)]
+    return sorted({*keys, *(f"{n}.{p}" for n, p, qt, _ in quantized_tensors(model) if qt.mask is not None)})
 
 
 # --- the exporter ----------------------------------------------------------------------------
@@ -155,7 +163,7 @@ def _onnx():
 def _as_float32(model: nn.Module) -> nn.Module:
     """Cast ``model`` to float32, its quantized weights dequantized afresh in float32 (exact)."""
     rows = [r for r in quantized_tensors(model) if r[3] != torch.float32]  # float32 ones are exact already
-    model.float()
+    nn.Module.float(model)  # transformers' own .float() refuses a model its quantizer loaded (is_quantized)
     shared: dict[int, torch.Tensor] = {}
     for module_name, param, qt, _ in rows:
         shared[id(qt)] = attach(model.get_submodule(module_name), param, qt, torch.float32, shared.get(id(qt)))
