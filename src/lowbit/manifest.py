@@ -36,7 +36,7 @@ from lowbit.spec import SPEC_VERSION
 from lowbit.version import __version__
 
 MANIFEST = "lowbit.json"  # the file name in a saved folder
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 OLDEST_FORMAT = 1
 QUANT_METHOD = "lowbit"
 
@@ -88,6 +88,7 @@ def migrate(manifest: dict[str, Any], where: str = "this folder") -> dict[str, A
                                      f"spec version {SPEC_VERSION}"))
     if version == 1:
         out = _v1_to_v2(out)
+    out["format_version"] = FORMAT_VERSION  # 2 -> 3 adds ``kept`` (sparse tensors store kept codes only); older ones store all codes
     return out
 
 

@@ -98,8 +98,9 @@ class QuantizedTensor:
     ============  ====================================  ==========================================
     role          in memory                             stored
     ============  ====================================  ==========================================
-    codes         ``packed`` (ceil(rows*cols*bits/8),)  as is: codes of the matrix view, row-major
-                  uint8
+    codes         ``packed`` (ceil(rows*cols*bits/8),)  codes of the matrix view, row-major; with a
+                  uint8                                 mask only the kept weights' codes (in
+                                                        row-major order), metadata ``kept``: their count
     scale         (grid_rows, grid_cols) float32,       the spec's scale storage (fp16, bf16,
                   exactly representable when stored     e8m0 as uint8, e4m3)
     zero          same grid float32 or None             integer zero points packed at the format's
@@ -196,7 +197,8 @@ class QuantizedTensor:
 
     def _pad_bits(self) -> int:
         """Bits of byte padding in packed codes, zeros and mask (not information)."""
-        fmt, pad = self.spec.format, -(self.numel * self.spec.format.bits) % 8
+        stored = self.numel if self.mask is None else int(self.mask.sum())
+        fmt, pad = self.spec.format, -(stored * self.spec.format.bits) % 8
         if self.mask is not None:
             pad += -self.numel % 8
         if self.zero is not None and fmt.zero_kind == "int":
@@ -213,7 +215,11 @@ class QuantizedTensor:
 
     def _stored(self) -> dict[str, Tensor]:
         storage, fmt = scale_storage(self.spec), self.spec.format
-        out = {"codes": self.packed, "scale": encode_scale(self.scale, storage)}
+        codes = self.packed
+        if self.mask is not None:  # a sparse tensor stores the kept weights' codes only
+            keep = matrix_view(self.mask, self.layout).reshape(-1).to(self.packed.device)
+            codes = pack(self.codes().reshape(-1)[keep].to(torch.int64), fmt.bits)
+        out = {"codes": codes, "scale": encode_scale(self.scale, storage)}
         if self.zero is not None:
             if fmt.zero_kind == "int":  # integer zero points are packed at the format's bit width
                 out["zero"] = pack(self.zero.reshape(-1).to(torch.int64), fmt.bits)
@@ -239,6 +245,8 @@ class QuantizedTensor:
             out["lowrank"] = {"rank": self.rank, "dtype": str(self.lowrank_a.dtype).removeprefix("torch.")}
         if self.input is not None:
             out["input"] = self.input.to_dict()
+        if self.mask is not None:
+            out["kept"] = int(self.mask.sum())  # the stored codes are the kept weights' only
         return out
 
     @classmethod
@@ -262,16 +270,42 @@ class QuantizedTensor:
         if zero is not None and spec.format.zero_kind == "int":
             zero = unpack(zero, spec.format.bits, scale.numel()).reshape(scale.shape)
         gs, mask, iscale = tensors.get("global_scale"), tensors.get("mask"), tensors.get("input_scale")
+        mask = None if mask is None else unpack_mask(mask, shape)
+        packed = tensors["codes"]
+        if "kept" in meta:
+            if mask is None:
+                raise LowbitError(f"{name} stores the codes of kept weights only but has no mask; the folder is damaged")
+            packed = _scatter_kept(packed, matrix_view(mask, meta["layout"]), spec.format)
         return cls(
-            spec=spec, shape=shape, layout=meta["layout"], packed=tensors["codes"], scale=scale,
+            spec=spec, shape=shape, layout=meta["layout"], packed=packed, scale=scale,
             zero=None if zero is None else zero.to(torch.float32),
             global_scale=None if gs is None else gs.reshape(()).to(torch.float32),
-            mask=None if mask is None else unpack_mask(mask, shape),
+            mask=mask,
             lowrank_a=tensors.get("lowrank_a"), lowrank_b=tensors.get("lowrank_b"),
             input=None if meta.get("input") is None else ActSpec.from_dict(meta["input"]),
             input_scale=None if iscale is None else iscale.reshape(()).to(torch.float32),
         )
 
+
+
+def _scatter_kept(packed: Tensor, keep: Tensor, fmt) -> Tensor:
+    """Packed codes of the kept weights (row-major) -> packed codes of the whole (rows, cols)
+    matrix view. Pruned weights get a symmetric integer format's zero code (2^(bits-1), so the
+    packed int8/int4 kernels, which do not read the mask, compute with exact zeros), and code 0
+    in other formats (the mask zeroes them on dequantization, the only path those formats take)."""
+    bits = fmt.bits
+    fill = 2 ** (bits - 1) if fmt.family == "int" and fmt.symmetric else 0
+    keep = keep.reshape(-1)
+    if packed.device.type == "meta":  # shapes only (lazy loading): the dense size, no values
+        return torch.empty(-(-keep.numel() * bits // 8), dtype=torch.uint8, device="meta")
+    keep = keep.to(packed.device)
+    kept = int(keep.sum())
+    if packed.numel() != -(-kept * bits // 8):
+        raise LowbitError(f"{packed.numel()} bytes of codes do not hold the {kept} kept weights' {bits}-bit codes; "
+                          "the folder is damaged")
+    dense = torch.full((keep.numel(),), fill, dtype=torch.int64, device=packed.device)
+    dense[keep] = unpack(packed, bits, kept).to(torch.int64)
+    return pack(dense, bits)
 
 
 def _bits(t: Tensor) -> int:

@@ -44,7 +44,7 @@ def test_from_pretrained_returns_the_packed_model(saved):
 def test_saved_config_describes_the_scheme(saved):
     out, _ = saved
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "lowbit" and qc["format_version"] == 2
+    assert qc["quant_method"] == "lowbit" and qc["format_version"] == 3
     assert qc["scheme"] == "int4:g32 (14 tensors)"
     manifest = json.loads((out / "lowbit.json").read_text())
     assert qc["quantized"] == manifest["quantized"]

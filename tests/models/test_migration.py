@@ -31,7 +31,7 @@ def test_the_fixture_is_version_1():
 def test_migrate_brings_version_1_to_the_current_format():
     old = json.loads((V1 / "lowbit.json").read_text())
     new = migrate(old)
-    assert new["format_version"] == FORMAT_VERSION == 2 and new["masks"] == {}
+    assert new["format_version"] == FORMAT_VERSION == 3 and new["masks"] == {}
     assert new["quantized"] == old["quantized"] and old["format_version"] == 1  # the input is left alone
     assert read_manifest(V1) == new
 
@@ -67,10 +67,10 @@ def _edited(tmp_path: Path, edit) -> Path:
 
 def test_a_newer_folder_format_is_refused_naming_the_version(tmp_path):
     def newer(d):
-        d["format_version"], d["lowbit_version"] = 3, "0.9.0"
+        d["format_version"], d["lowbit_version"] = 4, "0.9.0"
 
     folder = _edited(tmp_path, newer)
-    msg = r"uses folder format 3, written by lowbit 0\.9\.0; this lowbit .* reads folder formats 1 to 2: upgrade lowbit"
+    msg = r"uses folder format 4, written by lowbit 0\.9\.0; this lowbit .* reads folder formats 1 to 3: upgrade lowbit"
     with pytest.raises(LowbitError, match=msg):
         lowbit.load(folder)
     from transformers import AutoModelForCausalLM

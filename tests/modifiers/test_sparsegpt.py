@@ -189,3 +189,19 @@ def test_plan_refuses_an_nm_pattern_that_does_not_divide_a_width():
     with pytest.raises(LowbitError, match=r"stage 1 \(sparsegpt\): N:M sparsity 3:5 needs input widths that are "
                                           r"multiples of 5, but model.layers.0.* has \d+ inputs"):
         lowbit.quantize(tiny_llama(), "s=3:5", method="sparsegpt", calib=windows(), progress=False)
+
+
+def test_sparse_quantized_tensor_stores_kept_codes_only(tmp_path):
+    from lowbit.packing import packed_nbytes
+
+    model = lowbit.quantize(tiny_llama(), "uint4:g16+s=2:4", method="sparsegpt", calib=windows(), progress=False)
+    name, param, qt, _ = next(iter(quantized_tensors(model)))
+    stored = qt.to_tensors()
+    kept = int(qt.mask.sum())
+    assert kept == qt.numel // 2 and stored["codes"].numel() == packed_nbytes(kept, 4)
+    expect = 4 * kept + qt.numel + 16 * qt.scale.numel() + 4 * qt.zero.numel()  # codes, mask, fp16 scales, int zeros
+    assert qt.nbits() == expect and qt.bits_per_weight() == 4.25  # dense uint4 g16 stores 5.25
+    lowbit.save(model, tmp_path / "s")
+    again = {f"{n}.{p}": q for n, p, q, _ in quantized_tensors(lowbit.load(tmp_path / "s", packed=False))}
+    back = again[f"{name}.{param}"]
+    assert torch.equal(back.dequantize(), qt.dequantize()) and torch.equal(back.codes()[back.mask], qt.codes()[qt.mask])

@@ -83,7 +83,8 @@ def _stored_shapes(meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], tor
     grid = grid_shape((rows, cols), tile_of(spec.granularity, rows, cols))
     storage = scale_storage(spec)
     scale_dtype = {"e8m0": torch.uint8, "float8_e4m3fn": torch.float8_e4m3fn}.get(storage) or SCALE_DTYPES[storage]
-    out = {"codes": ((packed_nbytes(prod(shape), fmt.bits),), torch.uint8), "scale": (grid, scale_dtype)}
+    stored = meta.get("kept", prod(shape))  # a sparse tensor stores its kept weights' codes only
+    out = {"codes": ((packed_nbytes(stored, fmt.bits),), torch.uint8), "scale": (grid, scale_dtype)}
     if fmt.zero_kind == "int":
         out["zero"] = ((packed_nbytes(prod(grid), fmt.bits),), torch.uint8)
     elif fmt.zero_kind == "float":

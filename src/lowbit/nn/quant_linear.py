@@ -84,7 +84,9 @@ class QuantLinear(nn.Module):
             raise LowbitError(f"QuantLinear needs a 2-D weight in layout rows or transposed, not {qt.shape} {qt.layout}")
         self.out_features, self.in_features = qt.matrix_shape
         self.shape, self.layout, self.dtype = qt.shape, qt.layout, dtype
-        self._meta, self.spec, self.input = qt.meta(), qt.spec, qt.input
+        # codes are held dense here, so the metadata drops ``kept`` (the stored count of a sparse tensor's codes)
+        self._meta = {k: v for k, v in qt.meta().items() if k != "kept"}
+        self.spec, self.input = qt.spec, qt.input
         self.kernel_name = choose_kernel(qt, kernels).NAME  # a name, so the layer deep-copies and pickles
         tensors = {"codes": qt.packed} if self.kernel is kernel_dequant else self.kernel.pack(qt)
         for name, t in tensors.items():
