@@ -75,3 +75,28 @@ def test_pruning_a_tied_embedding_is_refused(tiny_llama_dir):
                                           "pruning it would prune the embedding table too"):
         lowbit.quantize(model, rules, method="magnitude", progress=False)
     assert not list(masks(model))
+
+
+@pytest.mark.parametrize("extra", [["--pattern", "2:4"], ["--sparsity", "0.5", "--quantize", "uint4:g32"]])
+def test_interrupted_prune_resumes_to_identical_bytes(run, tiny_llama_dir, tmp_path, monkeypatch, extra):
+    """SparseGPT (pruning alone, and joint with quantization) stopped after block 0's checkpoint,
+    then resumed: the saved tensors are byte-identical to an uninterrupted run's."""
+    from lowbit.engine import checkpoint
+
+    args = ("--method", "sparsegpt", *extra, "--samples", "4", "--seq-len", "32", "--batch-size", "2")
+    assert run("prune", str(tiny_llama_dir), "--out", str(tmp_path / "ref"), *args).returncode == 0
+    done = checkpoint.RunDir.mark_done
+
+    def stop_after_first(self, block):
+        done(self, block)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.RunDir, "mark_done", stop_after_first)
+    assert run("prune", str(tiny_llama_dir), "--out", str(tmp_path / "out"), *args).returncode == 130
+    monkeypatch.setattr(checkpoint.RunDir, "mark_done", done)
+    r = run("prune", str(tiny_llama_dir), "--out", str(tmp_path / "out"), *args, "--resume")
+    assert r.returncode == 0 and "resumed at block" in r.stdout, r.stderr
+    names = sorted(p.name for p in (tmp_path / "ref").iterdir() if p.suffix == ".safetensors")
+    assert names
+    for name in names:
+        assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
