@@ -90,3 +90,14 @@ def test_bad_options_are_refused():
         make("magnitude", allocation="global", min_keep=1.5)
     with pytest.raises(LowbitError, match="only unstructured sparsity .* can; .* has nm sparsity"):
         lowbit.quantize(tiny_llama(), "s=2:4", method="magnitude", allocation="erk", progress=False)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_calibrated_pruners_take_the_same_allocations(method):
+    calib = torch.randint(0, families.V, (4, 16), generator=torch.Generator().manual_seed(0))
+    model = lowbit.quantize(tiny_llama(), "s=60%", method=method, allocation="erk", calib=calib, progress=False)
+    found = {n: m for n, _, m in masks(model)}
+    total = sum(m.numel() for m in found.values())
+    pruned = sum(int((~m).sum()) for m in found.values())
+    assert len(found) == 14 and abs(pruned / total - 0.6) < 0.01
+    assert len({round(float((~m).float().mean()), 2) for m in found.values()}) > 1  # per-layer ratios

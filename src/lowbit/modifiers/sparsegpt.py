@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from lowbit.algorithms import sparsegpt as algo
 from lowbit.algorithms._hessian import HessianStats
 from lowbit.errors import LowbitError
+from lowbit.modifiers._allocate import allocate_pairs, check_allocation
 from lowbit.modifiers.base import BlockWork, LayerResult, Modifier, tensor_scale
 from lowbit.modifiers.gptq import GPTQ
 from lowbit.scheme import TensorScheme
@@ -29,6 +30,8 @@ class SparseGPT(Modifier):
     damp: float = algo.DEFAULT_DAMP
     block_size: int = 128
     act_order: bool = False
+    allocation: str = "uniform"
+    min_keep: float = 0.0
 
     name = "sparsegpt"
     needs_data = True
@@ -38,6 +41,11 @@ class SparseGPT(Modifier):
 
     def __post_init__(self) -> None:
         self.config  # validates the options
+        check_allocation(self.name, self.allocation, self.min_keep)
+
+    def allocate(self, model: nn.Module, pairs: list) -> list:
+        """Per-layer unstructured ratios (``lowbit.modifiers._allocate``); uniform by default."""
+        return allocate_pairs(self.name, self.allocation, self.min_keep, model, pairs)
 
     @property
     def config(self) -> algo.SparseGPT:

@@ -11,23 +11,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from lowbit.algorithms.wanda import ColumnSquares, check_sparsity, wanda
 from lowbit.errors import LowbitError
+from lowbit.modifiers._allocate import allocate_pairs, check_allocation
 from lowbit.modifiers.base import BlockWork, LayerResult, Modifier
 from lowbit.scheme import TensorScheme
 
 
 @dataclass(frozen=True)
 class Wanda(Modifier):
-    """Wanda pruning to the scheme's sparsity (unstructured or N:M; no options)."""
+    """Wanda pruning to the scheme's sparsity (unstructured or N:M); ``allocation`` and ``min_keep``
+    give each layer its own unstructured ratio (``lowbit.modifiers._allocate``), default uniform."""
+
+    allocation: str = "uniform"
+    min_keep: float = 0.0
 
     name = "wanda"
     needs_data = True
     requires = frozenset({"sparsity"})
     produces = frozenset({"sparsity"})
     changes_float = True
+
+    def __post_init__(self) -> None:
+        check_allocation(self.name, self.allocation, self.min_keep)
+
+    def allocate(self, model: nn.Module, pairs: list) -> list:
+        return allocate_pairs(self.name, self.allocation, self.min_keep, model, pairs)
 
     def check_scheme(self, scheme: TensorScheme) -> None:
         """Refuse channel sparsity before any block runs (the per-row selection cannot make it)."""
