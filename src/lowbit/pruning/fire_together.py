@@ -23,8 +23,9 @@ predictors' input. Cost (``conv_flops``): a conv's multiply-adds per sample are
 ``active_in × active_out × k² × H_out × W_out``, ``active_in`` being the previous block's kept
 channels (the image's channels for the first conv); biases, batch-norm and pooling are not counted.
 
-Guessed for the small checks: Adam instead of SGD (backbone lr 1e-3, predictors 1e-2), 10 epochs,
-``target_features = 64``; the predictors run on the masked network's activations (upstream masks
+Guessed for the small checks (tuned on digits, seed 0): Adam instead of SGD (backbone lr 1e-4,
+predictors 1e-2), 10 epochs, ``target_features = 256`` (with 64, mask accuracy was 88.7% instead of
+91%); the predictors run on the masked network's activations (upstream masks
 applied), both in training and at test time.
 """
 from __future__ import annotations
@@ -52,10 +53,10 @@ class FTWTConfig:
     targets: str = "mass"
     mode: str = "decoupled"
     epochs: int = 10
-    lr: float = 1e-3
+    lr: float = 1e-4
     predictor_lr: float = 1e-2
     batch_size: int = 64
-    target_features: int = 64
+    target_features: int = 256
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mthresh <= 1.0:
