@@ -85,6 +85,15 @@ def test_dense_flops_and_all_open_masks_reproduce_the_backbone():
     assert float(records[-1][3][0]) == 1 * 0 * 9 * 64 + 0 * 16 * 9 * 16 + 16 * 16 * 9 * 4
 
 
+def test_wrapping_leaves_the_models_state_and_mode_alone():
+    model = small.cnn((8, 16), seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gated = ft.Gated(model, ft.FTWTConfig(), image_side=8)
+    assert gated.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # batch-norm running statistics included
+
+
 def test_bad_config_values_are_named():
     with pytest.raises(LowbitError, match="mthresh 1.2"):
         ft.FTWTConfig(mthresh=1.2)

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
 from lowbit.pruning import jackpot, small

@@ -156,12 +156,16 @@ class Gated(nn.Module):
             else:
                 layers.append(mods[i])
                 i += 1
-        if not any(isinstance(m, GatedBlock) for m in layers):
+        blocks = [m for m in layers if isinstance(m, GatedBlock)]
+        if not blocks:
             raise LowbitError("no conv -> batch-norm -> activation block to gate in the model")
         self.layers = nn.Sequential(*layers)
+        training = self.training
+        self.eval()  # the probe must not touch batch-norm statistics
         with torch.no_grad():
-            self.dense_flops = float(self(torch.zeros(1, layers[0].conv.in_channels, image_side, image_side),
-                                          dense=True)[1][-1][3].sum())
+            probe = torch.zeros(1, blocks[0].conv.in_channels, image_side, image_side)
+            self.dense_flops = float(self(probe, dense=True)[1][-1][3].sum())
+        self.train(training)
 
     def forward(self, x: Tensor, dense: bool = False) -> tuple[Tensor, list[tuple[Tensor, ...]]]:
         records, active, total = [], torch.full((x.shape[0],), x.shape[1]), torch.zeros(x.shape[0])
