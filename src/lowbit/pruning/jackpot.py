@@ -163,7 +163,8 @@ def search(model: nn.Module, data: small.Split, config: JackpotConfig, seed: int
            progress: bool = True) -> Jackpot:
     """Search keep-masks for ``model``'s prunable weights (``small.prunable`` minus ``config.skip``).
 
-    The model is not modified: masked weights are substituted with ``torch.func.functional_call``.
+    The model's parameters and buffers are not modified (masked weights are substituted with
+    ``torch.func.functional_call``); it is put in eval mode.
     data: the training split, x as the model expects; the batch order and random scores follow ``seed``.
     """
     weights = {n: w.detach() for n, w in small.prunable(model).items()}
