@@ -10,7 +10,8 @@ pass/fail line per claim; a claim passes when it holds for every seed. Exit stat
   mask from the ticket's rewind point; plus rewinding to step 50 (late resetting) at ~4.8%.
 * Lottery Jackpots (§14): a 64-1024-256-10 digits MLP (90% uniform) and ccexam's pretrained MNIST
   CNN (90% global, searched on the MNIST-5k train split, scored on its test split); magnitude-init
-  against random-init scores after 5, 10, 20 and 40 search epochs (MLP) and 3 epochs (CNN).
+  against random-init scores after 5, 10, 15, 20 and 40 search epochs (MLP) and 3 epochs (CNN);
+  the paper's ">= 3x cheaper search" is checked as "5 magnitude-init epochs >= 15 random-init ones".
 * Fire Together Wire Together (§18): small.cnn((32, 64, 64)) on digits, mthresh 0.9 and 0.95,
   10 predictor epochs, decoupled, mass targets.
 """
@@ -49,10 +50,14 @@ def bench_lottery(seeds: list[int]) -> tuple[list[str], Claims]:
         k = lottery.imp(make, data, late, seed=s, progress=False).rounds[14].accuracy
         rows.append(f"| {s} | {_pct(t.rounds[0].accuracy)} | {_pct(t.rounds[10].accuracy)} | {_pct(r14.accuracy)} | "
                     f"{_pct(reinit)} | {_pct(rnd)} | {_pct(k)} |")
-        near.append(t.rounds[0].accuracy - t.rounds[10].accuracy <= 0.01)
-        gap.append(r14.accuracy - reinit >= 0.02)
-    return rows, [("§13 ticket at ~11% within 1 point of dense", all(near)),
-                  ("§13 re-init >= 2 points below the ticket at ~5%", all(gap))]
+        near.append(t.rounds[0].accuracy - t.rounds[10].accuracy)
+        gap.append(r14.accuracy - reinit)
+    rows.append(f"| mean | dense − ticket 11.2%: {_pct(sum(near) / len(near))} | | ticket − re-init 4.8%: "
+                f"{_pct(sum(gap) / len(gap))} | | | |")
+    return rows, [("§13 ticket at ~11% within 1 point of dense, every seed", all(d <= 0.01 for d in near)),
+                  ("§13 re-init >= 2 points below the ticket at ~5%, every seed", all(d >= 0.02 for d in gap)),
+                  ("§13 re-init >= 2 points below the ticket at ~5%, mean of the seeds",
+                   sum(gap) / len(gap) >= 0.02)]
 
 
 def _epochs_to_within(model, data, init: str, cfg: jackpot.JackpotConfig, dense: float, seed: int,
@@ -73,12 +78,12 @@ def _one_shot(model, cfg: jackpot.JackpotConfig, allocation: str, data) -> float
 
 
 def bench_jackpot(seeds: list[int]) -> tuple[list[str], Claims]:
-    epochs = [5, 10, 20, 40]
+    epochs = [5, 10, 15, 20, 40]
     data = small.load("digits")
     cfg = jackpot.JackpotConfig(sparsity=0.9, allocation="uniform", batch_size=64)
     rows = ["| model | seed | dense | one-shot 90% | jackpot (magnitude init) by search epochs | random init | "
             "epochs to within 1 pt: magnitude / random |", "|---|---:|---:|---:|---|---|---|"]
-    drop, near, faster = [], [], []
+    drop, near, faster, cost3x = [], [], [], []
     for s in seeds:
         model = small.mlp([64, 1024, 256, 10], seed=s)
         small.train(model, data.train, epochs=20, seed=s)
@@ -91,7 +96,8 @@ def bench_jackpot(seeds: list[int]) -> tuple[list[str], Claims]:
                     f"{show(rnd)} | {e_mag} / {e_rnd} |")
         drop.append(dense - shot >= 0.05)
         near.append(dense - mag[20] <= 0.01)
-        faster.append(e_mag is not None and (e_rnd is None or e_mag < e_rnd))
+        faster.append(mag[5] > rnd[5] and mag[10] > rnd[10])
+        cost3x.append(mag[5] >= rnd[15])
     mnist = small.load("mnist5k", images=True)
     cnn = small.pretrained_mnist_cnn()
     dense = small.accuracy(cnn, mnist.test)
@@ -111,7 +117,8 @@ def bench_jackpot(seeds: list[int]) -> tuple[list[str], Claims]:
         cnn_near.append(dense - mag <= 0.01)
     return rows, [("§14 MLP: one-shot 90% loses >= 5 points", all(drop)),
                   ("§14 MLP: jackpot (20 epochs) within 1 point of dense", all(near)),
-                  ("§14 MLP: magnitude init reaches 1 point of dense in fewer epochs than random", all(faster)),
+                  ("§14 MLP: magnitude init ahead of random init after 5 and after 10 epochs", all(faster)),
+                  ("§14 MLP: >= 3x cheaper: magnitude init after 5 epochs >= random init after 15", all(cost3x)),
                   ("§14 CNN: one-shot 90% (global) loses >= 5 points", cnn_drop),
                   ("§14 CNN: jackpot (3 epochs) within 1 point of dense", all(cnn_near))]
 

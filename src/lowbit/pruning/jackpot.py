@@ -15,8 +15,9 @@ No weight is ever changed; only which weights are kept:
 
 Defaults from the authors' CIFAR configs: SGD lr 0.1, momentum 0.9, weight decay 5e-4 (on the
 scores), cosine schedule over the search epochs. ``init="random"`` (the edge-popup-style control,
-scores drawn uniformly in [0, 1) and the initial mask their top-k with the same per-layer counts) is
-our guess at the paper's random-initialization baseline. Guessed too: the model runs in eval mode
+scores drawn uniformly in [0.99, 1) and the initial mask their top-k with the same per-layer counts)
+is our guess at the paper's random-initialization baseline; with scores in [0, 1) instead, the
+search hardly swapped anything (the steps are ~1e-3) and stayed at the random mask's accuracy. Guessed too: the model runs in eval mode
 during the search (no batch-norm statistics change), and when ties make the two disagreeing sets
 differ in size, the ``min`` of the two sizes is swapped (the authors' code then skips the layer).
 """
@@ -106,7 +107,8 @@ def init_scores(weights: dict[str, Tensor], masks: dict[str, Tensor], init: str 
     """(scores, binary masks) to start the search from; scores are float32 leaves with gradients.
 
     "magnitude": 1 where ``masks`` keeps, 0.99 where it prunes, and the binary mask is ``masks``.
-    "random": uniform [0, 1) scores and their top-k per layer, k the kept count of ``masks``.
+    "random": scores uniform in [0.99, 1) (the magnitude init's range, so a gradient step moves the
+    ranking as much) and their top-k per layer, k the kept count of ``masks``.
     """
     g = torch.Generator().manual_seed(seed)
     scores, binary = {}, {}
@@ -114,7 +116,7 @@ def init_scores(weights: dict[str, Tensor], masks: dict[str, Tensor], init: str 
         if init == "magnitude":
             s, b = torch.where(keep, 1.0, 0.99).float(), keep.clone()
         elif init == "random":
-            s = torch.rand(keep.shape, generator=g)
+            s = 0.99 + 0.01 * torch.rand(keep.shape, generator=g)
             b = _top(s, int(keep.sum()))
         else:
             raise LowbitError(f"unknown init {init!r}; use one of {', '.join(INITS)}")
