@@ -145,6 +145,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--only", default="", help="comma-separated cell names (dense always runs)")
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--no-speed", action="store_true", help="prune and score only (cells are cached)")
     args = ap.parse_args()
     command = "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "") + " python3 bench/structured.py " + \
         " ".join(sys.argv[1:])
@@ -156,6 +157,8 @@ def main() -> None:
     only = set(filter(None, args.only.split(",")))
     cells = [c for c in CELLS if not only or c[0] in only or c[0] == "dense"]
     rows = [quality_cell(c, dense, corpora, calib, args) for c in cells]
+    if args.no_speed:
+        return
     speed(rows, args)
     lines = table(rows, args, command)
     (OUT / "report.md").write_text("\n".join(lines) + "\n")

@@ -97,6 +97,15 @@ def test_hessian_greedy_matches_a_slow_greedy_and_beats_activation():
     assert errs["hessian"] <= errs["activation"] + 1e-12
 
 
+def test_one_round_removes_the_cheapest_by_first_round_cost():
+    """rounds=1 is one-shot OBS: the groups whose single removal costs least, all at once."""
+    W, A = layer(out=8, n=16, seed=5)
+    groups = column_groups(16, 1)
+    single = [brute_error(W, A, torch.cat([groups[h] for h in range(16) if h != g]))[0] for g in range(16)]
+    cheapest = sorted(range(16), key=lambda g: (single[g], g))[:5]
+    assert sorted(hessian_order(W, A.T @ A, groups, 5, damp=0.0, rounds=1)) == sorted(cheapest)
+
+
 def test_removal_count_rounds_to_nearest_and_keeps_one():
     assert [n_removed(1536, s) for s in (0, 0.25, 0.5)] == [0, 384, 768]
     assert [n_removed(3, s) for s in (0.1, 1 / 3, 0.5, 0.99)] == [0, 1, 2, 2]

@@ -29,8 +29,8 @@ Criteria (score per group; the groups with the lowest scores are removed):
 ``hessian``     OBS for groups (Optimal Brain Surgeon, Hassibi & Stork 1993; the group form as in
                 ZipLM, Kurtic, Frantar & Alistarh, arXiv:2302.04089): the output error that removing
                 group g adds when all remaining columns are re-fitted, ``tr(W_g [H⁻¹]_gg⁻¹ W_gᵀ)``.
-                Greedy: remove the cheapest group, update W and H⁻¹ by the OBS formulas, rescore,
-                repeat.
+                Greedy: remove the cheapest groups, update W and H⁻¹ by the OBS formulas, rescore,
+                repeat; ``ROUNDS`` rounds (one group a round when fewer are removed).
 ==============  ====================================================================================
 
 Everything is computed in float64; results are float64 (callers cast back). Ties go to the lower
@@ -49,6 +49,8 @@ from lowbit.errors import LowbitError
 #: Hessian; on SmolLM2-135M (bench/structured.py) it is not tuned.
 DAMP = 0.01
 CRITERIA = ("activation", "hessian")
+#: Rounds of the greedy Hessian selection (``hessian_order``).
+ROUNDS = 32
 
 
 def n_removed(n_groups: int, sparsity: float) -> int:
@@ -89,34 +91,50 @@ def activation_scores(W: Tensor, G: Tensor, groups: Tensor) -> Tensor:
 
 
 def _obs_costs(W: Tensor, Hinv: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
-    """Per group: the OBS cost ``tr(W_g M_g⁻¹ W_gᵀ)`` with ``M_g = [H⁻¹]_gg``, and ``M_g⁻¹ W_gᵀ``."""
+    """Per group: the OBS cost ``tr(W_g M_g⁻¹ W_gᵀ)`` with ``M_g = [H⁻¹]_gg``, and ``M_g⁻¹ W_gᵀ`` (m, size, out)."""
+    if groups.shape[1] == 1:  # one column per group: M_g is the scalar [H⁻¹]_cc, no batched solve
+        cols = groups[:, 0]
+        Y = (W[:, cols] / Hinv.diagonal()[cols]).T[:, None, :]  # (m, 1, out)
+        return (W[:, cols].square().sum(0) / Hinv.diagonal()[cols]), Y
     M = Hinv[groups[:, :, None], groups[:, None, :]]  # (m, size, size)
     WgT = W[:, groups].permute(1, 2, 0)  # (m, size, out)
     Y = torch.cholesky_solve(WgT, torch.linalg.cholesky(M))  # (m, size, out) = M⁻¹ W_gᵀ
     return (WgT * Y).sum((1, 2)), Y
 
 
-def hessian_order(W: Tensor, G: Tensor, groups: Tensor, n_remove: int, damp: float = DAMP) -> list[int]:
+def hessian_order(W: Tensor, G: Tensor, groups: Tensor, n_remove: int, damp: float = DAMP,
+                  rounds: int = ROUNDS) -> list[int]:
     """Greedy group OBS: the ``n_remove`` group indices in the order they are removed.
 
-    W (out, n) and G (n, n) any float dtype; groups (n_groups, size) int64. Each step removes the
-    group whose removal, with every remaining column re-fitted, adds the least output error under
-    ``H = ridge(G, damp)``, then applies the OBS updates
-    ``W ← W − W_g M⁻¹ [H⁻¹]_{g,:}`` and ``H⁻¹ ← H⁻¹ − [H⁻¹]_{:,g} M⁻¹ [H⁻¹]_{g,:}``
-    (the latter is the inverse of H with group g's rows and columns deleted, padded with zeros).
+    W (out, n) and G (n, n) any float dtype; groups (n_groups, size) int64. Each round scores every
+    remaining group by the output error its removal adds when every remaining column is re-fitted,
+    under ``H = ridge(G, damp)``, removes the ``ceil(n_remove / rounds)`` cheapest together (their
+    columns C), and applies the OBS updates ``W ← W − W_C M⁻¹ [H⁻¹]_{C,:}`` and
+    ``H⁻¹ ← H⁻¹ − [H⁻¹]_{:,C} M⁻¹ [H⁻¹]_{C,:}`` with ``M = [H⁻¹]_CC`` (the latter is the inverse of
+    H with C's rows and columns deleted, padded with zeros). ``rounds >= n_remove`` is the exact
+    one-at-a-time greedy; fewer rounds trade that for speed (1536 channels, 384 removed: 384
+    rounds take about 6 s a layer on one core, 32 rounds well under one; a guess of this toolkit).
     """
+    if rounds < 1:
+        raise LowbitError(f"rounds {rounds} must be >= 1")
     W = W.double().clone()
     Hinv = torch.cholesky_inverse(torch.linalg.cholesky(ridge(G, damp)))
     alive = list(range(groups.shape[0]))
     order: list[int] = []
-    for _ in range(n_remove):
-        costs, Y = _obs_costs(W, Hinv, groups[alive])
-        j = int(torch.argmin(costs))
-        cols = groups[alive[j]]
-        row = Hinv[cols, :]  # (size, n)
-        W -= Y[j].T @ row
-        Hinv -= row.T @ torch.linalg.solve(Hinv[cols[:, None], cols[None, :]], row)
-        order.append(alive.pop(j))
+    per_round = -(-n_remove // rounds) if n_remove else 0
+    while len(order) < n_remove:
+        costs, _ = _obs_costs(W, Hinv, groups[alive])
+        take = torch.argsort(costs, stable=True)[:min(per_round, n_remove - len(order))].tolist()
+        chosen = [alive[j] for j in take]
+        cols = groups[chosen].reshape(-1)
+        rows = Hinv[cols, :]  # (|C|, n)
+        M = Hinv[cols[:, None], cols[None, :]]  # (|C|, |C|)
+        L = torch.linalg.cholesky(M)
+        W -= torch.cholesky_solve(W[:, cols].T, L).T @ rows
+        Hinv -= rows.T @ torch.cholesky_solve(rows, L)
+        order += chosen
+        gone = set(chosen)
+        alive = [g for g in alive if g not in gone]
     return order
 
 
