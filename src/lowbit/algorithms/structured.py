@@ -91,7 +91,8 @@ def activation_scores(W: Tensor, G: Tensor, groups: Tensor) -> Tensor:
 
 
 def _obs_costs(W: Tensor, Hinv: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
-    """Per group: the OBS cost ``tr(W_g M_g⁻¹ W_gᵀ)`` with ``M_g = [H⁻¹]_gg``, and ``M_g⁻¹ W_gᵀ`` (m, size, out)."""
+    """Per group: the OBS cost ``tr(W_g M_g⁻¹ W_gᵀ)`` with ``M_g = [H⁻¹]_gg``, and ``M_g⁻¹ W_gᵀ``
+    (m, size, out)."""
     if groups.shape[1] == 1:  # one column per group: M_g is the scalar [H⁻¹]_cc, no batched solve
         cols = groups[:, 0]
         Y = (W[:, cols] / Hinv.diagonal()[cols]).T[:, None, :]  # (m, 1, out)

@@ -69,6 +69,17 @@ def prune_structured(model: nn.Module, batches: list[Tensor], *, structure: str,
     """
     t0 = time.perf_counter()
     _check_args(structure, sparsity, criterion, batches)
+    was_training = model.training
+    model.eval()  # dropout off while the Gram matrices are gathered
+    try:
+        report = _prune(model, batches, structure, sparsity, criterion, correct, progress)
+    finally:
+        model.train(was_training)
+    return {**report, "seconds": time.perf_counter() - t0}
+
+
+def _prune(model: nn.Module, batches: list[Tensor], structure: str, sparsity: float, criterion: str, correct: bool,
+           progress: bool) -> dict:
     found = find_blocks(model)
     if found is None:
         raise LowbitError(f"{type(model).__name__} has no repeated blocks; structured pruning needs a decoder LM")
@@ -94,8 +105,7 @@ def prune_structured(model: nn.Module, batches: list[Tensor], *, structure: str,
     return {"structure": structure, "sparsity": sparsity, "criterion": criterion, "correct": correct,
             "damp": DAMP, "calibration_tokens": sum(b.numel() for b in batches),
             "kept": layers[0]["kept"], "removed": layers[0]["removed"], "layers": layers,
-            "params_before": params_before, "params_after": sum(p.numel() for p in model.parameters()),
-            "seconds": time.perf_counter() - t0}
+            "params_before": params_before, "params_after": sum(p.numel() for p in model.parameters())}
 
 
 def _check_args(structure: str, sparsity: float, criterion: str, batches: list[Tensor]) -> None:
