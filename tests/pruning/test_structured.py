@@ -157,6 +157,25 @@ def test_shapes_config_and_reload_give_identical_logits(family, structure, spars
     json.dumps(report)
 
 
+def test_mistral_channels_and_gemma_heads_with_its_own_head_dim_reload(tmp_path):
+    from transformers import AutoModelForCausalLM, GemmaConfig, GemmaForCausalLM, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+    cases = [(MistralForCausalLM(MistralConfig(**common)), "channels"),
+             (GemmaForCausalLM(GemmaConfig(**common, head_dim=32)), "heads")]  # 4·32 ≠ hidden 64
+    x = families.example_input("llama")
+    for i, (model, structure) in enumerate(cases):
+        model.eval()
+        prune_structured(model, batches(), structure=structure, sparsity=0.5, progress=False)
+        model.save_pretrained(tmp_path / str(i))
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / str(i)).eval()
+        assert torch.equal(families.output(model, x), families.output(again, x))
+    assert cases[0][0].config.intermediate_size == 48
+    assert (cases[1][0].config.num_attention_heads, cases[1][0].config.head_dim) == (2, 32)
+
+
 @pytest.mark.parametrize("structure", ["channels", "heads"])
 def test_sparsity_zero_is_the_identity(structure):
     model = tiny("llama")
