@@ -100,3 +100,15 @@ def test_interrupted_prune_resumes_to_identical_bytes(run, tiny_llama_dir, tmp_p
     assert names
     for name in names:
         assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
+
+
+def test_structured_prune_saves_a_smaller_model_transformers_loads(run, tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "narrow"
+    r = run("prune", str(tiny_llama_dir), "--structure", "channels", "--sparsity", "0.25", "--samples", "4",
+            "--seq-len", "32", "--out", str(out), "--report", str(tmp_path / "r.json"))
+    assert r.returncode == 0, r.stderr
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.intermediate_size == 96 and model.model.layers[0].mlp.down_proj.weight.shape == (64, 96)
+    assert json.loads((tmp_path / "r.json").read_text())["seconds"] > 0
