@@ -74,15 +74,12 @@ def run_prune(console: Console, a: PruneArgs) -> None:
     from lowbit.cli_quantize import QuantizeArgs, run_quantize
 
     scheme = sparsity_scheme(a.sparsity, a.pattern, a.quantize)
-    report = a.report if a.report is not None else a.out.parent / f".{a.out.name}.prune-report.json"
     run_quantize(console, QuantizeArgs(
         model=a.model, scheme=scheme, out=a.out, method=a.method, options=a.options, calib=a.calib,
         samples=a.samples, seq_len=a.seq_len, seed=a.seed, batch_size=a.batch_size, max_memory=a.max_memory,
         resume=a.resume, overwrite=a.overwrite, allow_pickle=a.allow_pickle, evaluate=a.evaluate,
-        windows=a.windows, report=report))
+        windows=a.windows, report=a.report))
     _print_sparsity(console, a.out)
-    if a.report is None:
-        report.unlink(missing_ok=True)
 
 
 def measured_sparsity(folder: Path) -> list[dict]:
