@@ -162,7 +162,8 @@ def methods() -> None:
     for name in available():
         cls = modifier_class(name)
         opts = "\n".join(f"{flag} ({kind}, {default})" for flag, kind, default in describe_options(name)) or "-"
-        table.add_row(name, "yes" if cls.needs_data else "no", ", ".join(sorted(cls.requires)) or "-", opts)
+        needs = cls.needs_data if isinstance(cls.needs_data, bool) else None  # a property: it depends on the options
+        table.add_row(name, {True: "yes", False: "no", None: "per options"}[needs], ", ".join(sorted(cls.requires)) or "-", opts)
     console.print(table)
 
 

@@ -82,9 +82,9 @@ def test_random_is_seeded_per_layer():
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(LowbitError, match="allocation 'owl' unknown; use one of uniform, global, erk, lamp"):
+    with pytest.raises(LowbitError, match="allocation 'owl' unknown; use one of uniform, global, erk, lamp, rd"):
         make("magnitude", allocation="owl")
-    with pytest.raises(LowbitError, match="min_keep applies to allocation=global only"):
+    with pytest.raises(LowbitError, match="min_keep applies to allocation=global or rd only"):
         make("magnitude", min_keep=0.01)
     with pytest.raises(LowbitError, match=r"min_keep 1\.5 must be a fraction"):
         make("magnitude", allocation="global", min_keep=1.5)

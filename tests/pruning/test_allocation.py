@@ -246,7 +246,14 @@ def test_rate_distortion_errors():
     with pytest.raises(LowbitError, match="1-D"):
         A.rate_distortion([c[None]], [4], 0.5)
     with pytest.raises(LowbitError, match="non-finite"):
+        A.rate_distortion([torch.tensor([0.0, float("nan")])], [4], 0.5)
+    with pytest.raises(LowbitError, match="non-finite"):
+        A.rate_distortion([torch.tensor([float("inf"), 1.0])], [4], 0.5)
+    with pytest.raises(LowbitError, match="no allocation reaches sparsity 0.5 without a forbidden amount"):
         A.rate_distortion([torch.tensor([0.0, float("inf")])], [4], 0.5)
+    # +inf forbids an amount: the cheaper-looking collapse of the first layer is not taken
+    assert A.rate_distortion([torch.tensor([0.0, 5.0, float("inf")]), torch.tensor([0.0, 1.0, 9.0])], [4, 4],
+                             0.5) == [0.5, 0.5]
     with pytest.raises(LowbitError, match="outside"):
         A.rate_distortion([c], [4], 1.0)
     with pytest.raises(LowbitError, match="positive integers"):

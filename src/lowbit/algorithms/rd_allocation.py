@@ -7,6 +7,8 @@ layer l alone pruned by amount j / K_l (δ_l[0]: unpruned). Amount j of a layer 
 
 Problem: choose j_l per layer minimizing Σ_l δ_l[j_l] (the paper's additive model of the output
 distortion) subject to Σ_l kept_l ≤ B, with B = N − round(sparsity·N) the kept-weight budget.
+An amount whose δ is +inf is forbidden (e.g. one that would prune a whole layer); δ_l[0] must be
+finite, and a budget that only forbidden amounts can meet is refused.
 
 Discretization (the paper's DP state is kept weights; an LLM has too many to index one by one):
 kept weights are counted in units of u = max(1, ceil(B / MAX_UNITS)) weights, a layer's cost
@@ -50,8 +52,9 @@ def _check(curves: Sequence[Tensor], sizes: Sequence[int], sparsity: float) -> N
         if not isinstance(c, Tensor) or c.ndim != 1 or not 2 <= c.numel() <= 32768:
             raise LowbitError(f"curve {i} must be a 1-D tensor of 2 to 32768 distortions (amounts 0..1), got "
                               f"{tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__}")
-        if not bool(torch.isfinite(c).all()):
-            raise LowbitError(f"curve {i} has non-finite distortions; measure it again or clip it")
+        if bool(torch.isnan(c).any()) or bool((c == -torch.inf).any()) or not bool(torch.isfinite(c[0])):
+            raise LowbitError(f"curve {i} has non-finite distortions (+inf only marks a forbidden amount > 0); "
+                              "measure it again or clip it")
 
 
 def rate_distortion_amounts(curves: Sequence[Tensor], sizes: Sequence[int], sparsity: float,
@@ -87,6 +90,9 @@ def rate_distortion_amounts(curves: Sequence[Tensor], sizes: Sequence[int], spar
         choices.append(arg)
         costs.append(cost)
     best = dp.min()
+    if not bool(torch.isfinite(best)):
+        raise LowbitError(f"no allocation reaches sparsity {sparsity} without a forbidden amount (+inf distortion, "
+                          "e.g. a whole layer pruned); lower the sparsity or allow larger amounts")
     c = int(torch.nonzero(dp == best).max())  # the most budget used among the optima
     amounts = []
     for arg, cost in zip(reversed(choices), reversed(costs)):

@@ -61,7 +61,7 @@ def calibrate(model: nn.Module, plan: list[Rule], method: Recipe | Modifier | st
     """
     recipe = Recipe.of(method)
     t0 = time.perf_counter()
-    per_stage = plan_recipe(model, recipe, plan)
+    per_stage = plan_recipe(model, recipe, plan, batches, progress)
     check_pairs(model, [p for pairs in per_stage for p in pairs])
     found = find_blocks(model)
     blocks = list(found[1]) if found else [model]

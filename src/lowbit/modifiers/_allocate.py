@@ -12,6 +12,12 @@ global        one magnitude threshold over every targeted weight (Gupta et al., 
 erk           Erdős–Rényi-Kernel densities from each layer's shape (Liu et al., §17)
 lamp          LAMP scores (Lee et al., ICLR'21): one threshold on each weight's squared magnitude
               over the sum of the squares of the weights not smaller than it in its layer
+rd            rate-distortion by dynamic programming (Xu et al., §15): each layer's curve of the
+              logits' distortion against its magnitude-pruned amount, measured on ``rd_tokens``
+              calibration tokens at ``rd_steps`` amounts (``lowbit.pruning.rd_output``), then the
+              allocation of least total distortion within the run's budget
+              (``lowbit.algorithms.rd_allocation``; per-layer ratios are multiples of 1/rd_steps). No
+              layer is pruned whole; ``min_keep`` raises that floor to a fraction of each layer
 ============  ====================================================================================
 
 Only unstructured sparsity can vary per layer (N:M patterns are fixed): other kinds are refused.
@@ -27,21 +33,32 @@ from lowbit.errors import LowbitError
 from lowbit.qtensor import matrix_view
 from lowbit.scheme import SparsitySpec, TensorScheme
 
-ALLOCATIONS = ("uniform", "global", "erk", "lamp")
+ALLOCATIONS = ("uniform", "global", "erk", "lamp", "rd")
 
 
-def check_allocation(name: str, allocation: str, min_keep: float) -> None:
-    if allocation not in ALLOCATIONS:
-        raise LowbitError(f"{name}: allocation {allocation!r} unknown; use one of {', '.join(ALLOCATIONS)}")
+def check_allocation(name: str, allocation: str, min_keep: float, rd_steps: int = 10, rd_tokens: int = 256,
+                     allowed: tuple[str, ...] = ALLOCATIONS) -> None:
+    if allocation not in allowed:
+        raise LowbitError(f"{name}: allocation {allocation!r} unknown; use one of {', '.join(allowed)}")
+    for option, value in (("rd_steps", rd_steps), ("rd_tokens", rd_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise LowbitError(f"{name}: {option} {value!r} must be a positive integer")
+    if rd_steps > 1000:
+        raise LowbitError(f"{name}: rd_steps {rd_steps} is more amounts than a curve can use; try 10 to 100")
     if isinstance(min_keep, bool) or not isinstance(min_keep, (int, float)) or not 0 <= min_keep < 1:
         raise LowbitError(f"{name}: min_keep {min_keep!r} must be a fraction of each layer's weights in [0, 1), "
                           "e.g. 0.01")
-    if min_keep and allocation != "global":
-        raise LowbitError(f"{name}: min_keep applies to allocation=global only (allocation is {allocation!r})")
+    if min_keep and allocation not in ("global", "rd"):
+        raise LowbitError(f"{name}: min_keep applies to allocation=global or rd only (allocation is {allocation!r})")
 
 
-def allocate_pairs(name: str, allocation: str, min_keep: float, model: nn.Module, pairs: list) -> list:
-    """``pairs`` with each unstructured sparsity replaced by its layer's allocated ratio."""
+def allocate_pairs(name: str, allocation: str, min_keep: float, model: nn.Module, pairs: list,
+                   batches: list | None = None, rd_steps: int = 10, rd_tokens: int = 256,
+                   progress: bool = True) -> list:
+    """``pairs`` with each unstructured sparsity replaced by its layer's allocated ratio.
+
+    batches: the run's calibration batches ((B, T) int64 token ids), needed by allocation="rd" only.
+    """
     if allocation == "uniform" or not pairs:
         return pairs
     for t, s in pairs:
@@ -58,8 +75,10 @@ def allocate_pairs(name: str, allocation: str, min_keep: float, model: nn.Module
         ratios = alloc.global_magnitude(weights, target, [int(min_keep * n + 0.999999) for n in sizes])
     elif allocation == "erk":
         ratios = alloc.erk([tuple(w.shape) for w in weights], target)
-    else:
+    elif allocation == "lamp":
         ratios = alloc.lamp(weights, target)
+    else:
+        ratios = _rate_distortion(name, model, pairs, batches, target, rd_steps, rd_tokens, min_keep, progress)
     out = []
     for (t, s), r in zip(pairs, ratios):
         if r <= 0:
@@ -69,6 +88,21 @@ def allocate_pairs(name: str, allocation: str, min_keep: float, model: nn.Module
                               "use allocation=global with min_keep (e.g. 0.01)")
         out.append((t, TensorScheme(s.weight, s.input, SparsitySpec("unstructured", ratio=float(r)))))
     return out
+
+
+def _rate_distortion(name: str, model: nn.Module, pairs: list, batches: list | None, target: float, steps: int,
+                     tokens: int, min_keep: float, progress: bool) -> list[float]:
+    from lowbit.algorithms.rd_allocation import rate_distortion
+    from lowbit.pruning.rd_output import calibration_tokens, output_curves
+
+    if batches is None:
+        raise LowbitError(f"{name}: allocation=rd measures each layer's distortion on calibration data, which this "
+                          "run has none of; pass calibration windows (--calib pydoc / calib=...)")
+    params = [(f"{t.module_name}.{t.param}" if t.module_name else t.param,
+               getattr(model.get_submodule(t.module_name), t.param)) for t, _ in pairs]
+    keep = [max(1, int(min_keep * w.numel() + 0.999999)) for _, w in params]  # never a whole layer
+    curves = output_curves(model, params, calibration_tokens(batches, tokens), steps, keep=keep, progress=progress)
+    return rate_distortion(curves, [w.numel() for _, w in params], target)
 
 
 def _matrix(model: nn.Module, t) -> torch.Tensor:

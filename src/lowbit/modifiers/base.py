@@ -132,8 +132,9 @@ class Modifier:
     def check_scheme(self, scheme: TensorScheme) -> None:
         """Raise ``LowbitError`` if this method cannot produce ``scheme``. Default: any scheme."""
 
-    def allocate(self, model: nn.Module, pairs: list) -> list:
-        """The (target, scheme) pairs this stage solves, given the planned ones. Default: unchanged."""
+    def allocate(self, model: nn.Module, pairs: list, batches: list | None = None, progress: bool = True) -> list:
+        """The (target, scheme) pairs this stage solves, given the planned ones and the run's
+        calibration batches (None in a data-free run). Default: unchanged."""
         return pairs
 
     def prepare(self, model: nn.Module) -> None:

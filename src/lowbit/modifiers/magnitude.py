@@ -5,7 +5,8 @@
 ratio (layer-wise magnitude pruning); "global" is global magnitude pruning, one threshold over
 all the targeted weights, with ``min_keep`` the fraction of each layer that always stays (the
 Minimum Threshold of Gupta et al., which prevents layer collapse at extreme sparsity); "erk" and
-"lamp" use those papers' per-layer ratios.
+"lamp" use those papers' per-layer ratios; "rd" (§15) measures each layer's rate-distortion curve on
+calibration data, the one case where magnitude pruning needs data.
 """
 from __future__ import annotations
 
@@ -26,21 +27,29 @@ class Magnitude(Modifier):
 
     allocation: str = "uniform"
     min_keep: float = 0.0
+    rd_steps: int = 10
+    rd_tokens: int = 256
 
     name = "magnitude"
     requires = frozenset({"sparsity"})
     produces = frozenset({"sparsity"})
     changes_float = True
 
+    @property
+    def needs_data(self) -> bool:  # type: ignore[override]
+        """Data-free, except allocation="rd", which measures each layer on calibration data."""
+        return self.allocation == "rd"
+
     def __post_init__(self) -> None:
-        check_allocation(self.name, self.allocation, self.min_keep)
+        check_allocation(self.name, self.allocation, self.min_keep, self.rd_steps, self.rd_tokens)
 
     def check_scheme(self, scheme: TensorScheme) -> None:
         if scheme.sparsity is not None:
             check_sparsity(scheme.sparsity)
 
-    def allocate(self, model: nn.Module, pairs: list) -> list:
-        return allocate_pairs(self.name, self.allocation, self.min_keep, model, pairs)
+    def allocate(self, model: nn.Module, pairs: list, batches: list | None = None, progress: bool = True) -> list:
+        return allocate_pairs(self.name, self.allocation, self.min_keep, model, pairs, batches, self.rd_steps,
+                              self.rd_tokens, progress)
 
     def solve_layer(self, W: Tensor, stats: None, scheme: TensorScheme, key: str,
                     global_scale: Tensor | None = None) -> LayerResult:

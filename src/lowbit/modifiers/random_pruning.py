@@ -33,13 +33,13 @@ class RandomPruning(Modifier):
     changes_float = True
 
     def __post_init__(self) -> None:
-        check_allocation(self.name, self.allocation, 0.0)
+        check_allocation(self.name, self.allocation, 0.0, allowed=("uniform", "global", "erk", "lamp"))
 
     def check_scheme(self, scheme: TensorScheme) -> None:
         if scheme.sparsity is not None:
             check_sparsity(scheme.sparsity)
 
-    def allocate(self, model: nn.Module, pairs: list) -> list:
+    def allocate(self, model: nn.Module, pairs: list, batches: list | None = None, progress: bool = True) -> list:
         return allocate_pairs(self.name, self.allocation, 0.0, model, pairs)
 
     def solve_layer(self, W: Tensor, stats: None, scheme: TensorScheme, key: str,

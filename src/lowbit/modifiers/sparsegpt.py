@@ -32,6 +32,8 @@ class SparseGPT(Modifier):
     act_order: bool = False
     allocation: str = "uniform"
     min_keep: float = 0.0
+    rd_steps: int = 10
+    rd_tokens: int = 256
 
     name = "sparsegpt"
     needs_data = True
@@ -41,11 +43,12 @@ class SparseGPT(Modifier):
 
     def __post_init__(self) -> None:
         self.config  # validates the options
-        check_allocation(self.name, self.allocation, self.min_keep)
+        check_allocation(self.name, self.allocation, self.min_keep, self.rd_steps, self.rd_tokens)
 
-    def allocate(self, model: nn.Module, pairs: list) -> list:
+    def allocate(self, model: nn.Module, pairs: list, batches: list | None = None, progress: bool = True) -> list:
         """Per-layer unstructured ratios (``lowbit.modifiers._allocate``); uniform by default."""
-        return allocate_pairs(self.name, self.allocation, self.min_keep, model, pairs)
+        return allocate_pairs(self.name, self.allocation, self.min_keep, model, pairs, batches, self.rd_steps,
+                              self.rd_tokens, progress)
 
     @property
     def config(self) -> algo.SparseGPT:

@@ -27,6 +27,8 @@ class Wanda(Modifier):
 
     allocation: str = "uniform"
     min_keep: float = 0.0
+    rd_steps: int = 10
+    rd_tokens: int = 256
 
     name = "wanda"
     needs_data = True
@@ -35,10 +37,11 @@ class Wanda(Modifier):
     changes_float = True
 
     def __post_init__(self) -> None:
-        check_allocation(self.name, self.allocation, self.min_keep)
+        check_allocation(self.name, self.allocation, self.min_keep, self.rd_steps, self.rd_tokens)
 
-    def allocate(self, model: nn.Module, pairs: list) -> list:
-        return allocate_pairs(self.name, self.allocation, self.min_keep, model, pairs)
+    def allocate(self, model: nn.Module, pairs: list, batches: list | None = None, progress: bool = True) -> list:
+        return allocate_pairs(self.name, self.allocation, self.min_keep, model, pairs, batches, self.rd_steps,
+                              self.rd_tokens, progress)
 
     def check_scheme(self, scheme: TensorScheme) -> None:
         """Refuse channel sparsity before any block runs (the per-row selection cannot make it)."""

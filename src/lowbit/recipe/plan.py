@@ -22,8 +22,12 @@ Pairs = list[tuple[Target, TensorScheme]]
 _PART_WORDS = {"weight": "a weight spec", "input": "an activation spec (+a=...)", "sparsity": "a sparsity spec (+s=...)"}
 
 
-def plan_recipe(model: nn.Module, recipe: Recipe, rules: list[Rule]) -> list[Pairs]:
-    """Per stage, its pairs; raises ``LowbitError`` for a recipe that cannot do what it says."""
+def plan_recipe(model: nn.Module, recipe: Recipe, rules: list[Rule], batches: list | None = None,
+                progress: bool = True) -> list[Pairs]:
+    """Per stage, its pairs; raises ``LowbitError`` for a recipe that cannot do what it says.
+
+    batches: the run's calibration batches, for a stage whose allocation measures (``allocate``).
+    """
     all_pairs = resolve_schemes(model, rules)
     if not all_pairs:
         done = [t.key for t in targets(model) if t.quantized] + [n for n, m in model.named_modules()
@@ -57,7 +61,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe, rules: list[Rule]) -> list[Pai
         out.append(pairs)
     _leave_weight_to_later(recipe, out)
     _check_produced(recipe, out)
-    return [stage.modifier.allocate(model, pairs) for stage, pairs in zip(recipe.stages, out)]
+    return [stage.modifier.allocate(model, pairs, batches, progress) for stage, pairs in zip(recipe.stages, out)]
 
 
 def _check_nm(model: nn.Module, pairs: Pairs, where: str) -> None:
