@@ -16,6 +16,7 @@ from lowbit.nn.reference import masks, quantized_tensors
     ("sparsegpt", ["--pattern", "2:4"], 0.5),
     ("wanda", ["--sparsity", "0.3"], 0.3),
     ("magnitude", ["--sparsity", "0.6", "--allocation", "global", "--min-keep", "0.05"], None),
+    ("wanda", ["--sparsity", "0.5", "--allocation", "erk"], None),  # calibrated and not streamed: reads every weight
 ])
 def test_prune_writes_the_folder_and_reports_each_layer(run, tiny_llama_dir, tmp_path, method, args, ratio):
     out = tmp_path / "p"
@@ -32,6 +33,23 @@ def test_prune_writes_the_folder_and_reports_each_layer(run, tiny_llama_dir, tmp
         assert torch.equal(model.get_submodule(name).weight == 0, ~keep)
     numbers = json.loads((tmp_path / "r.json").read_text())
     assert numbers["method"] == method and numbers["bits_per_weight"] is None
+
+
+def test_magnitude_with_rd_allocation_takes_calibration_data(run, tiny_llama_dir, tmp_path):
+    out = tmp_path / "rd"
+    r = run("prune", str(tiny_llama_dir), "--method", "magnitude", "--sparsity", "0.5", "--allocation", "rd",
+            "--rd-steps", "4", "--rd-tokens", "32", "--samples", "4", "--seq-len", "32", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    targeted = sum(m.weight.numel() for n, m in dense.named_modules()
+                   if isinstance(m, torch.nn.Linear) and ".layers." in n)  # the 14 block linears
+    ratios = [float((~m).float().mean()) for _, _, m in masks(lowbit.load(out))]  # a layer left dense has none
+    pruned = sum(int((~m).sum()) for _, _, m in masks(lowbit.load(out)))
+    assert pruned >= targeted // 2 and "measured sparsity per layer" in r.stdout  # the budget holds
+    assert len({round(x, 3) for x in ratios}) > 1 and max(ratios) < 1  # per-layer, none pruned whole
+    assert all(abs(x * 4 - round(x * 4)) < 0.01 for x in ratios)  # on the 1/rd_steps grid
 
 
 def test_prune_and_quantize_in_one_command(run, tiny_llama_dir, tmp_path):

@@ -93,8 +93,9 @@ def _open(args: CalibratedRun) -> tuple[nn.Module, Any, Any, Any]:
     from lowbit.hf.load import load_model
 
     path = Path(args.source).expanduser()
+    in_memory = any(stage.modifier.reads_all_weights for stage in args.recipe.stages)  # e.g. allocation=rd
     if path.is_dir() and (path / "config.json").is_file() and not (path / "lowbit.json").exists() \
-            and any(path.glob("*.safetensors")):
+            and any(path.glob("*.safetensors")) and not in_memory:
         from lowbit.hf.lazy import open_streamed
 
         streamed = open_streamed(path)

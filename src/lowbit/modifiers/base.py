@@ -132,6 +132,12 @@ class Modifier:
     def check_scheme(self, scheme: TensorScheme) -> None:
         """Raise ``LowbitError`` if this method cannot produce ``scheme``. Default: any scheme."""
 
+    @property
+    def reads_all_weights(self) -> bool:
+        """Whether ``allocate`` reads every targeted weight at planning (then the run cannot stream
+        weights from disk). Default: no."""
+        return False
+
     def allocate(self, model: nn.Module, pairs: list, batches: list | None = None, progress: bool = True) -> list:
         """The (target, scheme) pairs this stage solves, given the planned ones and the run's
         calibration batches (None in a data-free run). Default: unchanged."""

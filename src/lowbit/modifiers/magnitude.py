@@ -47,6 +47,10 @@ class Magnitude(Modifier):
         if scheme.sparsity is not None:
             check_sparsity(scheme.sparsity)
 
+    @property
+    def reads_all_weights(self) -> bool:
+        return self.allocation != "uniform"
+
     def allocate(self, model: nn.Module, pairs: list, batches: list | None = None, progress: bool = True) -> list:
         return allocate_pairs(self.name, self.allocation, self.min_keep, model, pairs, batches, self.rd_steps,
                               self.rd_tokens, progress)

@@ -39,6 +39,10 @@ class RandomPruning(Modifier):
         if scheme.sparsity is not None:
             check_sparsity(scheme.sparsity)
 
+    @property
+    def reads_all_weights(self) -> bool:
+        return self.allocation != "uniform"
+
     def allocate(self, model: nn.Module, pairs: list, batches: list | None = None, progress: bool = True) -> list:
         return allocate_pairs(self.name, self.allocation, 0.0, model, pairs)
 

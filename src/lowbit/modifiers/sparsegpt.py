@@ -45,6 +45,10 @@ class SparseGPT(Modifier):
         self.config  # validates the options
         check_allocation(self.name, self.allocation, self.min_keep, self.rd_steps, self.rd_tokens)
 
+    @property
+    def reads_all_weights(self) -> bool:
+        return self.allocation != "uniform"
+
     def allocate(self, model: nn.Module, pairs: list, batches: list | None = None, progress: bool = True) -> list:
         """Per-layer unstructured ratios (``lowbit.modifiers._allocate``); uniform by default."""
         return allocate_pairs(self.name, self.allocation, self.min_keep, model, pairs, batches, self.rd_steps,

@@ -39,6 +39,10 @@ class Wanda(Modifier):
     def __post_init__(self) -> None:
         check_allocation(self.name, self.allocation, self.min_keep, self.rd_steps, self.rd_tokens)
 
+    @property
+    def reads_all_weights(self) -> bool:
+        return self.allocation != "uniform"
+
     def allocate(self, model: nn.Module, pairs: list, batches: list | None = None, progress: bool = True) -> list:
         return allocate_pairs(self.name, self.allocation, self.min_keep, model, pairs, batches, self.rd_steps,
                               self.rd_tokens, progress)
