@@ -90,6 +90,23 @@ def allocate_pairs(name: str, allocation: str, min_keep: float, model: nn.Module
     return out
 
 
+class LayerAdaptive:
+    """Mixin for a pruning modifier whose dataclass has the fields ``allocation``, ``min_keep``,
+    ``rd_steps`` and ``rd_tokens``: their checks, and the ``allocate`` hook that applies them."""
+
+    def check_allocation(self) -> None:
+        check_allocation(self.name, self.allocation, self.min_keep, self.rd_steps, self.rd_tokens)
+
+    @property
+    def reads_all_weights(self) -> bool:
+        return self.allocation != "uniform"
+
+    def allocate(self, model: nn.Module, pairs: list, batches: list | None = None, progress: bool = True) -> list:
+        """Per-layer unstructured ratios (module docstring); uniform leaves the pairs as planned."""
+        return allocate_pairs(self.name, self.allocation, self.min_keep, model, pairs, batches, self.rd_steps,
+                              self.rd_tokens, progress)
+
+
 def _rate_distortion(name: str, model: nn.Module, pairs: list, batches: list | None, target: float, steps: int,
                      tokens: int, min_keep: float, progress: bool) -> list[float]:
     from lowbit.algorithms.rd_allocation import rate_distortion

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from lowbit.algorithms.magnitude import magnitude_mask
 from lowbit.algorithms.wanda import check_sparsity
-from lowbit.modifiers._allocate import allocate_pairs, check_allocation
+from lowbit.modifiers._allocate import LayerAdaptive
 from lowbit.modifiers.base import BlockWork, LayerResult, Modifier
 from lowbit.scheme import TensorScheme
 
 
 @dataclass(frozen=True)
-class Magnitude(Modifier):
+class Magnitude(LayerAdaptive, Modifier):
     """Magnitude pruning to the scheme's sparsity (unstructured or N:M); see the module docstring."""
 
     allocation: str = "uniform"
@@ -41,19 +41,11 @@ class Magnitude(Modifier):
         return self.allocation == "rd"
 
     def __post_init__(self) -> None:
-        check_allocation(self.name, self.allocation, self.min_keep, self.rd_steps, self.rd_tokens)
+        self.check_allocation()
 
     def check_scheme(self, scheme: TensorScheme) -> None:
         if scheme.sparsity is not None:
             check_sparsity(scheme.sparsity)
-
-    @property
-    def reads_all_weights(self) -> bool:
-        return self.allocation != "uniform"
-
-    def allocate(self, model: nn.Module, pairs: list, batches: list | None = None, progress: bool = True) -> list:
-        return allocate_pairs(self.name, self.allocation, self.min_keep, model, pairs, batches, self.rd_steps,
-                              self.rd_tokens, progress)
 
     def solve_layer(self, W: Tensor, stats: None, scheme: TensorScheme, key: str,
                     global_scale: Tensor | None = None) -> LayerResult:

@@ -11,19 +11,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from lowbit.algorithms import sparsegpt as algo
 from lowbit.algorithms._hessian import HessianStats
 from lowbit.errors import LowbitError
-from lowbit.modifiers._allocate import allocate_pairs, check_allocation
+from lowbit.modifiers._allocate import LayerAdaptive
 from lowbit.modifiers.base import BlockWork, LayerResult, Modifier, tensor_scale
 from lowbit.modifiers.gptq import GPTQ
 from lowbit.scheme import TensorScheme
 
 
 @dataclass(frozen=True)
-class SparseGPT(Modifier):
+class SparseGPT(LayerAdaptive, Modifier):
     """SparseGPT to the scheme's sparsity (unstructured or N:M), quantizing too when the scheme
     has a weight spec; options as ``lowbit.algorithms.sparsegpt.SparseGPT``."""
 
@@ -43,16 +43,7 @@ class SparseGPT(Modifier):
 
     def __post_init__(self) -> None:
         self.config  # validates the options
-        check_allocation(self.name, self.allocation, self.min_keep, self.rd_steps, self.rd_tokens)
-
-    @property
-    def reads_all_weights(self) -> bool:
-        return self.allocation != "uniform"
-
-    def allocate(self, model: nn.Module, pairs: list, batches: list | None = None, progress: bool = True) -> list:
-        """Per-layer unstructured ratios (``lowbit.modifiers._allocate``); uniform by default."""
-        return allocate_pairs(self.name, self.allocation, self.min_keep, model, pairs, batches, self.rd_steps,
-                              self.rd_tokens, progress)
+        self.check_allocation()
 
     @property
     def config(self) -> algo.SparseGPT:

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from lowbit.algorithms.wanda import ColumnSquares, check_sparsity, wanda
 from lowbit.errors import LowbitError
-from lowbit.modifiers._allocate import allocate_pairs, check_allocation
+from lowbit.modifiers._allocate import LayerAdaptive
 from lowbit.modifiers.base import BlockWork, LayerResult, Modifier
 from lowbit.scheme import TensorScheme
 
 
 @dataclass(frozen=True)
-class Wanda(Modifier):
+class Wanda(LayerAdaptive, Modifier):
     """Wanda pruning to the scheme's sparsity (unstructured or N:M); ``allocation`` and ``min_keep``
     give each layer its own unstructured ratio (``lowbit.modifiers._allocate``), default uniform."""
 
@@ -37,15 +37,7 @@ class Wanda(Modifier):
     changes_float = True
 
     def __post_init__(self) -> None:
-        check_allocation(self.name, self.allocation, self.min_keep, self.rd_steps, self.rd_tokens)
-
-    @property
-    def reads_all_weights(self) -> bool:
-        return self.allocation != "uniform"
-
-    def allocate(self, model: nn.Module, pairs: list, batches: list | None = None, progress: bool = True) -> list:
-        return allocate_pairs(self.name, self.allocation, self.min_keep, model, pairs, batches, self.rd_steps,
-                              self.rd_tokens, progress)
+        self.check_allocation()
 
     def check_scheme(self, scheme: TensorScheme) -> None:
         """Refuse channel sparsity before any block runs (the per-row selection cannot make it)."""
