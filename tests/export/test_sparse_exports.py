@@ -1,10 +1,11 @@
-"""Sparse models through every export: densified with a warning (no target has a sparse format
-today), pruned weights read back as exact zeros by each target's own reader, refused where the
-target's encoding has no exact zero.
+"""Sparse models through every export: densified with a warning by default (no target has a
+sparse format its current readers load), pruned weights read back as exact zeros by each target's
+own reader, refused where the target's encoding has no exact zero.
 
 compressed-tensors 0.20 has no sparse compressor (``sparse-bitmask`` / ``sparse-24-bitmask``
-were removed in 0.15): the tests assert that, so a release that brings them back fails here and
-says the export can write them again.
+were removed in 0.15): the tests assert that, so a release that brings them back fails here.
+The opt-in sparse formats (``sparse_format=``) are read back by compressed-tensors 0.14.0.1's own
+compressors, installed apart by scripts/install.sh and run in a subprocess.
 """
 from __future__ import annotations
 
@@ -227,6 +228,70 @@ def test_compressed_tensors_densifies_and_decompresses_to_lowbit(kind, scheme, t
         x = families.example_input("llama")                # test_compressed_tensors): vLLM and the dequantizer read them
         reread = AutoModelForCausalLM.from_pretrained(out).eval()
         assert torch.equal(families.output(reread, x), families.output(model, x))
+
+
+# --- compressed-tensors' sparse formats, read by the last release that has them -----------------
+CT_SPARSE = Path(__file__).parents[2] / ".cache" / "ct-sparse"  # compressed-tensors 0.14.0.1 (scripts/install.sh)
+READ_SPARSE = """
+import json, sys
+from compressed_tensors.compressors import ModelCompressor
+from safetensors.torch import save_file
+folder, out = sys.argv[1], sys.argv[2]
+config = json.load(open(folder + "/config.json"))["quantization_config"]
+mc = ModelCompressor.from_compression_config(config)
+assert mc.quantization_config is None, mc.quantization_config
+print(type(mc.sparsity_compressor).__name__, mc.sparsity_config.sparsity_structure)
+save_file({k: v.contiguous() for k, v in mc.sparsity_compressor.decompress(folder)}, out)
+"""
+
+
+@pytest.mark.parametrize("kind, sparse_format, reader", [("50%", "sparse-bitmask", "BitmaskCompressor unstructured"),
+                                                         ("2:4", "sparse-24-bitmask", "Sparse24BitMaskCompressor 2:4"),
+                                                         ("2:4", "sparse-bitmask", "BitmaskCompressor unstructured")])
+def test_compressed_tensors_sparse_formats_decompress_with_their_own_reader(kind, sparse_format, reader, tmp_path):
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    assert (CT_SPARSE / "compressed_tensors").is_dir(), "run scripts/install.sh: it installs compressed-tensors 0.14"
+    model, folder = sparse_folder(tmp_path / "p", kind, None)
+    with torch.no_grad():  # a kept weight that is exactly 0 must stay kept: the mask, not the zeros, decides
+        model.model.layers[0].mlp.up_proj.weight[0, pruned_weights(model)["model.layers.0.mlp.up_proj.weight"][1][0]
+                                                 .nonzero()[0]] = 0.0
+    folder = lowbit.save(model, tmp_path / "p2")
+    out = export(folder, "compressed-tensors", tmp_path / "ct", sparse_format=sparse_format)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["sparsity_config"]["format"] == sparse_format and abs(config["sparsity_config"]["global_sparsity"]
+                                                                       - 0.5) < 1e-9
+    r = subprocess.run([sys.executable, "-c", READ_SPARSE, str(out), str(tmp_path / "dense.safetensors")],
+                       capture_output=True, text=True, env={"PYTHONPATH": str(CT_SPARSE), "PATH": "/usr/bin:/bin",
+                                                           "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split()[:2] == reader.split()
+    got = load_file(str(tmp_path / "dense.safetensors"))
+    state = model.state_dict()
+    for key, (w, keep) in pruned_weights(model).items():
+        assert torch.equal(got[key], w), key  # bit for bit
+    for key in ("model.embed_tokens.weight", "model.norm.weight"):  # the rest passes through
+        assert torch.equal(got[key], state[key]), key
+    stored = load_file(str(out / "model.safetensors"))
+    bitmask_bytes = stored["model.layers.0.mlp.up_proj.bitmask"].numel()
+    assert bitmask_bytes == 128 * 64 // 8 and "model.layers.0.mlp.up_proj.weight" not in stored
+
+
+def test_sparse_formats_refuse_what_they_cannot_hold(tmp_path):
+    _, quantized = sparse_folder(tmp_path / "q", "2:4", "int8:channel")
+    with pytest.raises(LowbitError, match="is quantized; compressed-tensors' sparse-bitmask format is written for "
+                                          "float pruned models only"):
+        export(quantized, "compressed-tensors", tmp_path / "a", sparse_format="sparse-bitmask")
+    _, unstructured = sparse_folder(tmp_path / "u", "50%", None)
+    with pytest.raises(LowbitError, match=r"model\.layers\.0\.\w+\.\w+ is not 2:4 sparse"):
+        export(unstructured, "compressed-tensors", tmp_path / "b", sparse_format="sparse-24-bitmask")
+    with pytest.raises(LowbitError, match="sparse format 'csr' unknown"):
+        export(unstructured, "compressed-tensors", tmp_path / "c", sparse_format="csr")
+    with pytest.raises(LowbitError, match="sparse format 'sparse-bitmask' is compressed-tensors'; gguf exports are"):
+        export(unstructured, "gguf", tmp_path / "d.gguf", sparse_format="sparse-bitmask")
+    assert not any((tmp_path / n).exists() for n in ("a", "b", "c", "d.gguf"))
 
 
 # --- ONNX -------------------------------------------------------------------------------------

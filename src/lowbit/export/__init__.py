@@ -17,6 +17,8 @@ represent raises ``LowbitError`` that quotes it.
 Sparse models (float pruned, or quantized with a ``mask``) are densified with a warning: no
 target has a sparse format its current readers load, so pruned weights are written as exact
 zeros, and a masked weight whose format has no exact zero code is refused (``lowbit.export._sparse``).
+For compressed-tensors, ``sparse_format="sparse-bitmask"`` or ``"sparse-24-bitmask"`` writes a
+float pruned model in its (pre-0.15) sparse formats instead (``lowbit.export._ct_sparse``).
 """
 from __future__ import annotations
 
@@ -37,11 +39,20 @@ def target_module(to: str):
     return importlib.import_module(TARGETS[to])
 
 
-def export(path: str | os.PathLike, to: str, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Export the lowbit folder ``path`` to ``to`` (a key of ``TARGETS``) at ``out``; returns ``out``."""
+def export(path: str | os.PathLike, to: str, out: str | os.PathLike, overwrite: bool = False,
+           sparse_format: str = "dense") -> Path:
+    """Export the lowbit folder ``path`` to ``to`` (a key of ``TARGETS``) at ``out``; returns ``out``.
+
+    sparse_format: "dense" (every target), or "sparse-bitmask" / "sparse-24-bitmask" (compressed-tensors).
+    """
     module = target_module(to)
     path = Path(path)
     from lowbit.io import read_manifest
 
     read_manifest(path)  # a clear error for a folder that is not lowbit's
+    if sparse_format != "dense":
+        if to != "compressed-tensors":
+            raise LowbitError(f"sparse format {sparse_format!r} is compressed-tensors'; {to} exports are dense "
+                              "(pruned weights stored as zeros)")
+        return module.export(path, Path(out), overwrite=overwrite, sparse_format=sparse_format)
     return module.export(path, Path(out), overwrite=overwrite)

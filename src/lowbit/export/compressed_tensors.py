@@ -31,10 +31,12 @@ lowbit's fp8_e4m3fn codes are the bits of ``torch.float8_e4m3fn``. Only 4 and 8 
 exported: vLLM's WNA16 kernels take no other width (and at these widths older
 compressed-tensors releases pack the same way).
 
-Sparse models are densified with a warning (``lowbit.export._sparse``): pruned weights become
-stored zeros (the int and fp8 formats here always have an exact zero code). ``sparsity_config``
+Sparse models are densified with a warning by default (``lowbit.export._sparse``): pruned weights
+become stored zeros (the int and fp8 formats here always have an exact zero code). ``sparsity_config``
 stays ``{}``: current vLLM raises for one that names targets, even of format ``dense``. A float
-pruned model becomes a plain dense folder.
+pruned model becomes a plain dense folder. ``sparse_format="sparse-bitmask"`` or
+``"sparse-24-bitmask"`` writes a float pruned model in compressed-tensors' sparse formats instead
+(``lowbit.export._ct_sparse``; readable by compressed-tensors up to 0.14 only).
 
 Exactness: compressed-tensors dequantizes in the dtype of the stored scale,
 ``(q - zp).to(scale.dtype) * scale``; with float16 scales that product would round to float16.
@@ -63,8 +65,9 @@ from lowbit.formats.int import IntFormat
 from lowbit.export._roles import refuse_extras
 from lowbit.io import INDEX, MANIFEST, WEIGHTS, read_manifest
 from lowbit.packing import pack
+from lowbit.export import _ct_sparse as ct_sparse
 from lowbit.export._sparse import fold_mask, warn_dense
-from lowbit.qtensor import CORE_ROLES, QuantizedTensor
+from lowbit.qtensor import CORE_ROLES, QuantizedTensor, unpack_mask
 from lowbit.schemes import describe
 from lowbit.spec import PerTensor, QuantSpec, tile_of
 
@@ -89,13 +92,15 @@ class Layer:
         return json.loads(self.args)["strategy"]
 
 
-def export(path: Path, out: Path, overwrite: bool = False) -> Path:
+def export(path: Path, out: Path, overwrite: bool = False, sparse_format: str = "dense") -> Path:
     """Write the lowbit folder ``path`` as a compressed-tensors model folder ``out``; returns ``out``.
 
     Every quantized weight is checked before anything is written; a scheme compressed-tensors
-    cannot hold exactly raises ``LowbitError`` quoting it.
+    cannot hold exactly raises ``LowbitError`` quoting it. ``sparse_format``: "dense" (default),
+    "sparse-bitmask" or "sparse-24-bitmask" (float pruned models only; see the module docstring).
     """
     path, out = Path(path), Path(out)
+    ct_sparse.check_format(sparse_format)
     manifest = read_manifest(path)
     if manifest["model"]["kind"] != "hf" or not (path / "config.json").is_file():
         raise LowbitError(f"{path} holds no Hugging Face model (config.json); compressed-tensors exports need one, "
@@ -104,17 +109,38 @@ def export(path: Path, out: Path, overwrite: bool = False) -> Path:
     if not manifest["quantized"] and not manifest["masks"]:
         raise LowbitError(f"{path} holds no quantized or pruned weights; there is nothing for compressed-tensors "
                           "to store")
+    if sparse_format != "dense":
+        _check_sparse(path, manifest, sparse_format)
     modules, tied = _skeleton(path, manifest)
     layers = {key: plan_layer(key, meta, modules) for key, meta in manifest["quantized"].items()}
     _warn_scale_cast(manifest)
     config = _config(path, manifest, list(layers.values()), modules)
     with atomic_folder(out, overwrite) as tmp:
-        warn_dense("compressed-tensors", _write_weights(path, tmp, manifest, layers, tied))
+        if sparse_format == "dense":
+            warn_dense("compressed-tensors", _write_weights(path, tmp, manifest, layers, tied))
+        else:
+            sparsity = _write_weights(path, tmp, manifest, layers, tied, sparse_format)
+            config["quantization_config"] = {"quant_method": "compressed-tensors", "version": "0.14.0",
+                                             "sparsity_config": ct_sparse.sparsity_config(
+                                                 sparse_format, [k[:-len(".weight")] for k in manifest["masks"]],
+                                                 sparsity)}
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for f in sorted(path.iterdir()):  # tokenizer, generation config, chat template
             if f.is_file() and f.name not in _SKIP_FILES and not f.name.endswith(".safetensors"):
                 shutil.copy2(f, tmp / f.name)
     return out
+
+
+def _check_sparse(path: Path, manifest: dict[str, Any], sparse_format: str) -> None:
+    if manifest["quantized"]:
+        raise LowbitError(f"{path} is quantized; compressed-tensors' {sparse_format} format is written for float pruned "
+                          "models only (its sparse + quantized stacks are gone from current readers); export it with "
+                          "sparse_format='dense' (the default)")
+    if not manifest["masks"]:
+        raise LowbitError(f"{path} has no pruned weights for {sparse_format}; export it with sparse_format='dense'")
+    odd = [k for k in manifest["masks"] if not k.endswith(".weight")]
+    if odd:
+        raise LowbitError(f"{odd[0]} is not a module's weight, which {sparse_format} stores; use sparse_format='dense'")
 
 
 def _skeleton(path: Path, manifest: dict[str, Any]) -> tuple[dict[str, nn.Module], set[str]]:
@@ -259,25 +285,44 @@ def pack_int32(codes: Tensor, bits: int) -> Tensor:
 
 
 def _write_weights(path: Path, tmp: Path, manifest: dict[str, Any], layers: dict[str, Layer],
-                   tied: set[str]) -> list[str]:
+                   tied: set[str], sparse_format: str = "dense") -> Any:
     """Convert shard by shard under the input's file names; an index when the input had one.
 
-    Returns the keys of the pruned weights written dense.
+    Returns the keys of the pruned weights written dense, or with a sparse format the overall
+    sparsity of the pruned weights.
     """
     index = path / INDEX
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS]
     weight_map: dict[str, str] = {}
     total = 0
     pruned: list[str] = []
+    counts = [0, 0]  # pruned, total
     for shard in shards:
-        tensors = _convert(load_file(str(path / shard)), manifest, layers, tied, pruned)
+        tensors = load_file(str(path / shard))
+        if sparse_format != "dense":
+            tensors = _sparse(tensors, manifest, sparse_format, counts)
+        tensors = _convert(tensors, manifest, layers, tied, pruned)
         save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
         weight_map.update({k: shard for k in tensors})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
     if index.is_file():
         text = json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
         (tmp / INDEX).write_text(text + "\n")
-    return sorted(pruned)
+    return sorted(pruned) if sparse_format == "dense" else counts[0] / counts[1]
+
+
+def _sparse(tensors: dict[str, Tensor], manifest: dict[str, Any], sparse_format: str,
+            counts: list[int]) -> dict[str, Tensor]:
+    """One shard's float pruned weights and their masks -> the sparse format's tensors."""
+    for key, m in manifest["masks"].items():
+        if key not in tensors or m["tensor"] not in tensors:
+            continue  # in another shard
+        keep = unpack_mask(tensors.pop(m["tensor"]), tuple(m["shape"]))
+        weight = tensors.pop(key)
+        tensors.update(ct_sparse.compress(key[:-len(".weight")], weight, keep, sparse_format))
+        counts[0] += int((~keep).sum())
+        counts[1] += keep.numel()
+    return tensors
 
 
 def _convert(tensors: dict[str, Tensor], manifest: dict[str, Any], layers: dict[str, Layer],
