@@ -86,6 +86,9 @@ def output_curves(model: nn.Module, weights: Sequence[tuple[str, Tensor]], x: Te
             recorded[i] = output
         return hook
 
+    if any("forward" in m.__dict__ for m in (head, *blocks)):
+        raise LowbitError("allocation=rd replaces the forward of the output layer and the blocks while it measures, "
+                          "but this model has already replaced one (hooks from another library?); load it plainly")
     handles = [b.register_forward_hook(record_block(i)) for i, b in enumerate(blocks)]
     head.forward = record_head
     try:
