@@ -162,8 +162,9 @@ def methods() -> None:
     for name in available():
         cls = modifier_class(name)
         opts = "\n".join(f"{flag} ({kind}, {default})" for flag, kind, default in describe_options(name)) or "-"
-        needs = cls.needs_data if isinstance(cls.needs_data, bool) else None  # a property: it depends on the options
-        table.add_row(name, {True: "yes", False: "no", None: "per options"}[needs], ", ".join(sorted(cls.requires)) or "-", opts)
+        needs = ({True: "yes", False: "no"}[cls.needs_data] if isinstance(cls.needs_data, bool)  # else a property
+                 else f"with {getattr(cls, 'needs_data_when', 'some options')}")
+        table.add_row(name, needs, ", ".join(sorted(cls.requires)) or "-", opts)
     console.print(table)
 
 

@@ -31,6 +31,7 @@ class Magnitude(LayerAdaptive, Modifier):
     rd_tokens: int = 256
 
     name = "magnitude"
+    needs_data_when = "--allocation rd"  # for `lowbit methods`
     requires = frozenset({"sparsity"})
     produces = frozenset({"sparsity"})
     changes_float = True
