@@ -17,7 +17,9 @@ rd            rate-distortion by dynamic programming (Xu et al., §15): each lay
               calibration tokens at ``rd_steps`` amounts (``lowbit.pruning.rd_output``), then the
               allocation of least total distortion within the run's budget
               (``lowbit.algorithms.rd_allocation``; per-layer ratios are multiples of 1/rd_steps). No
-              layer is pruned whole; ``min_keep`` raises that floor to a fraction of each layer
+              layer is pruned whole; ``min_keep`` raises that floor to a fraction of each layer.
+              The curves come from the unmodified model at planning, so a resumed run measures
+              them again and gets the same allocation
 ============  ====================================================================================
 
 Only unstructured sparsity can vary per layer (N:M patterns are fixed): other kinds are refused.
