@@ -95,7 +95,8 @@ def test_pruning_a_tied_embedding_is_refused(tiny_llama_dir):
     assert not list(masks(model))
 
 
-@pytest.mark.parametrize("extra", [["--pattern", "2:4"], ["--sparsity", "0.5", "--quantize", "uint4:g32"]])
+@pytest.mark.parametrize("extra", [["--pattern", "2:4"], ["--sparsity", "0.5", "--quantize", "uint4:g32"],
+                                   ["--sparsity", "0.5", "--allocation", "rd", "--rd-steps", "4", "--rd-tokens", "32"]])
 def test_interrupted_prune_resumes_to_identical_bytes(run, tiny_llama_dir, tmp_path, monkeypatch, extra):
     """SparseGPT (pruning alone, and joint with quantization) stopped after block 0's checkpoint,
     then resumed: the saved tensors are byte-identical to an uninterrupted run's."""

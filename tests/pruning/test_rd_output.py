@@ -30,20 +30,32 @@ def windows(rows: int = 2, width: int = 16):
 
 
 @torch.no_grad()
-def reference_delta(model, name: str, x: torch.Tensor, j: int, steps: int) -> float:
+def reference_delta(model, name: str, x: torch.Tensor, j: int, steps: int, criterion: str = "magnitude") -> float:
     """Slow and obvious: prune a deep copy, run the whole model, compare the logits (float64)."""
     ref = model(x).logits.double()
     pruned = copy.deepcopy(model)
     w = pruned.get_parameter(name)
-    flat = w.detach().reshape(-1).clone()
-    flat[torch.sort(flat.abs(), stable=True).indices[:grid_pruned(flat.numel(), j, steps)]] = 0
-    w.data.copy_(flat.reshape(w.shape))
+    if criterion == "magnitude":
+        flat = w.detach().reshape(-1).clone()
+        flat[torch.sort(flat.abs(), stable=True).indices[:grid_pruned(flat.numel(), j, steps)]] = 0
+        w.data.copy_(flat.reshape(w.shape))
+    else:  # Wanda: per row, the lowest |w_ij| * ||x_j|| over the calibration tokens go
+        seen = []
+        module = pruned.get_submodule(name.rsplit(".", 1)[0])
+        handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+        pruned(x)
+        handle.remove()
+        score = w.detach().abs().double() * seen[0].double().norm(dim=0)
+        k = grid_pruned(w.shape[1], j, steps)
+        for r in range(w.shape[0]):
+            w.data[r, torch.sort(score[r], stable=True).indices[:k]] = 0
     out = pruned(x).logits.double()
     return float((ref - out).square().sum(-1).mean())
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
-def test_output_curves_match_the_full_logits(kind):
+@pytest.mark.parametrize("kind, criterion", [("llama", "magnitude"), ("qwen2", "magnitude"), ("gpt2", "magnitude"),
+                                             ("llama", "wanda"), ("qwen2", "wanda")])
+def test_output_curves_match_the_full_logits(kind, criterion):
     model, x = tiny(kind), windows()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     names = [n for n, p in model.named_parameters() if p.ndim == 2 and (".layers." in n or ".h." in n)]
@@ -51,12 +63,14 @@ def test_output_curves_match_the_full_logits(kind):
     if kind == "qwen2":
         names.append("lm_head.weight")  # untied: the head itself is a layer
     steps = 4
+    if criterion == "wanda":
+        names = [n for n in names if kind != "gpt2"]  # GPT-2's Conv1D is not a Linear
     curves = output_curves(model, [(n, model.get_parameter(n)) for n in names], x, steps, keep=[0] * len(names),
-                           progress=False)
+                           criterion=criterion, progress=False)
     for name, curve in zip(names, curves):
         assert curve[0] == 0 and curve.shape == (steps + 1,)
-        expect = torch.tensor([0.0] + [reference_delta(model, name, x, j, steps) for j in range(1, steps + 1)],
-                              dtype=torch.float64)
+        expect = torch.tensor([0.0] + [reference_delta(model, name, x, j, steps, criterion)
+                                       for j in range(1, steps + 1)], dtype=torch.float64)
         assert torch.allclose(curve, expect, rtol=1e-4, atol=1e-9), (name, curve, expect)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights restored

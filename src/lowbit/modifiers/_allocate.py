@@ -13,7 +13,8 @@ erk           Erdős–Rényi-Kernel densities from each layer's shape (Liu et a
 lamp          LAMP scores (Lee et al., ICLR'21): one threshold on each weight's squared magnitude
               over the sum of the squares of the weights not smaller than it in its layer
 rd            rate-distortion by dynamic programming (Xu et al., §15): each layer's curve of the
-              logits' distortion against its magnitude-pruned amount, measured on ``rd_tokens``
+              logits' distortion against its pruned amount (pruned by magnitude, or for wanda and
+              sparsegpt by Wanda's score, ``rd_criterion``), measured on ``rd_tokens``
               calibration tokens at ``rd_steps`` amounts (``lowbit.pruning.rd_output``), then the
               allocation of least total distortion within the run's budget
               (``lowbit.algorithms.rd_allocation``; per-layer ratios are multiples of 1/rd_steps). No
@@ -56,7 +57,7 @@ def check_allocation(name: str, allocation: str, min_keep: float, rd_steps: int 
 
 def allocate_pairs(name: str, allocation: str, min_keep: float, model: nn.Module, pairs: list,
                    batches: list | None = None, rd_steps: int = 10, rd_tokens: int = 256,
-                   progress: bool = True) -> list:
+                   progress: bool = True, rd_criterion: str = "magnitude") -> list:
     """``pairs`` with each unstructured sparsity replaced by its layer's allocated ratio.
 
     batches: the run's calibration batches ((B, T) int64 token ids), needed by allocation="rd" only.
@@ -80,7 +81,8 @@ def allocate_pairs(name: str, allocation: str, min_keep: float, model: nn.Module
     elif allocation == "lamp":
         ratios = alloc.lamp(weights, target)
     else:
-        ratios = _rate_distortion(name, model, pairs, batches, target, rd_steps, rd_tokens, min_keep, progress)
+        ratios = _rate_distortion(name, model, pairs, batches, target, rd_steps, rd_tokens, min_keep, progress,
+                                  rd_criterion)
     out = []
     for (t, s), r in zip(pairs, ratios):
         if r <= 0:
@@ -94,7 +96,10 @@ def allocate_pairs(name: str, allocation: str, min_keep: float, model: nn.Module
 
 class LayerAdaptive:
     """Mixin for a pruning modifier whose dataclass has the fields ``allocation``, ``min_keep``,
-    ``rd_steps`` and ``rd_tokens``: their checks, and the ``allocate`` hook that applies them."""
+    ``rd_steps`` and ``rd_tokens``: their checks, and the ``allocate`` hook that applies them.
+    ``rd_criterion``: which weights an amount prunes in the rd curves (``rd_output.CRITERIA``)."""
+
+    rd_criterion = "magnitude"
 
     def check_allocation(self) -> None:
         check_allocation(self.name, self.allocation, self.min_keep, self.rd_steps, self.rd_tokens)
@@ -106,11 +111,11 @@ class LayerAdaptive:
     def allocate(self, model: nn.Module, pairs: list, batches: list | None = None, progress: bool = True) -> list:
         """Per-layer unstructured ratios (module docstring); uniform leaves the pairs as planned."""
         return allocate_pairs(self.name, self.allocation, self.min_keep, model, pairs, batches, self.rd_steps,
-                              self.rd_tokens, progress)
+                              self.rd_tokens, progress, self.rd_criterion)
 
 
 def _rate_distortion(name: str, model: nn.Module, pairs: list, batches: list | None, target: float, steps: int,
-                     tokens: int, min_keep: float, progress: bool) -> list[float]:
+                     tokens: int, min_keep: float, progress: bool, criterion: str) -> list[float]:
     from lowbit.algorithms.rd_allocation import rate_distortion
     from lowbit.pruning.rd_output import calibration_tokens, output_curves
 
@@ -120,7 +125,8 @@ def _rate_distortion(name: str, model: nn.Module, pairs: list, batches: list | N
     params = [(f"{t.module_name}.{t.param}" if t.module_name else t.param,
                getattr(model.get_submodule(t.module_name), t.param)) for t, _ in pairs]
     keep = [max(1, int(min_keep * w.numel() + 0.999999)) for _, w in params]  # never a whole layer
-    curves = output_curves(model, params, calibration_tokens(batches, tokens), steps, keep=keep, progress=progress)
+    curves = output_curves(model, params, calibration_tokens(batches, tokens), steps, keep=keep, criterion=criterion,
+                           progress=progress)
     return rate_distortion(curves, [w.numel() for _, w in params], target)
 
 

@@ -36,6 +36,7 @@ class SparseGPT(LayerAdaptive, Modifier):
     rd_tokens: int = 256
 
     name = "sparsegpt"
+    rd_criterion = "wanda"  # our guess: OBS saliency w²/[H⁻¹]_jj is Wanda's score² for a diagonal H
     needs_data = True
     requires = frozenset({"sparsity"})
     produces = frozenset({"sparsity", "weight"})

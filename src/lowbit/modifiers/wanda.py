@@ -31,6 +31,7 @@ class Wanda(LayerAdaptive, Modifier):
     rd_tokens: int = 256
 
     name = "wanda"
+    rd_criterion = "wanda"  # the rd curves prune by Wanda's own score
     needs_data = True
     requires = frozenset({"sparsity"})
     produces = frozenset({"sparsity"})

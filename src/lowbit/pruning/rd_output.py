@@ -16,7 +16,11 @@ affordable, both exact (neither changes δ beyond float rounding):
   outputs recorded in the reference pass instead of running again.
 
 Each layer then costs K forwards of the blocks from its own onward, over ``tokens`` calibration
-tokens. Our choices, not the paper's (which prunes small vision models with K = 100): K = 10 by
+tokens.
+
+``criterion`` picks which weights an amount prunes: "magnitude" (the paper's: the smallest |w| of
+the layer) or "wanda" (the smallest |w_ij|·‖x_j‖ of each row, with ‖x_j‖ the layer's input column
+norms on the same tokens, recorded in the reference pass): the curve of the method that will prune. Our choices, not the paper's (which prunes small vision models with K = 100): K = 10 by
 default, and the first ``tokens`` tokens of the calibration windows. A head with logit soft-capping
 (Gemma 2) is measured before the cap. The weights are restored after each layer; the model is
 unchanged on return.
@@ -49,9 +53,13 @@ def calibration_tokens(batches: Sequence[Tensor], tokens: int) -> Tensor:
     return windows[:-(-tokens // width)]
 
 
+CRITERIA = ("magnitude", "wanda")
+
+
 @torch.no_grad()
 def output_curves(model: nn.Module, weights: Sequence[tuple[str, Tensor]], x: Tensor, steps: int = 10, *,
-                  keep: Sequence[int] | None = None, progress: bool = True) -> list[Tensor]:
+                  keep: Sequence[int] | None = None, criterion: str = "magnitude",
+                  progress: bool = True) -> list[Tensor]:
     """One (steps + 1,) float64 curve per weight: δ at amounts 0, 1/steps, ..., 1 (δ[0] = 0).
 
     model:   a causal LM whose ``get_output_embeddings()`` is a Linear, with repeated blocks.
@@ -59,9 +67,12 @@ def output_curves(model: nn.Module, weights: Sequence[tuple[str, Tensor]], x: Te
     x:       (rows, T) int64 token ids (``calibration_tokens``).
     keep:    per weight, the fewest weights that must stay (default 1: no layer pruned whole); an
              amount keeping fewer is +inf (forbidden to ``rate_distortion``) and is not measured.
-    Amount j/steps prunes the ``grid_pruned(n, j, steps)`` smallest |w| of the layer (stable order,
-    as ``lowbit.algorithms.magnitude.magnitude_mask``).
+    Amount j/steps prunes, with criterion "magnitude", the ``grid_pruned(n, j, steps)`` smallest |w|
+    of the layer (stable order, as ``lowbit.algorithms.magnitude.magnitude_mask``); with "wanda", the
+    ``grid_pruned(cols, j, steps)`` lowest |w_ij|·‖x_j‖ of each row (2-D weights of Linear layers).
     """
+    if criterion not in CRITERIA:
+        raise LowbitError(f"rd curve criterion {criterion!r} unknown; use one of {', '.join(CRITERIA)}")
     if steps < 1:
         raise LowbitError(f"rd_steps {steps} must be >= 1 (amounts j/steps for j = 0..steps)")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -90,6 +101,9 @@ def output_curves(model: nn.Module, weights: Sequence[tuple[str, Tensor]], x: Te
         raise LowbitError("allocation=rd replaces the forward of the output layer and the blocks while it measures, "
                           "but this model has already replaced one (hooks from another library?); load it plainly")
     handles = [b.register_forward_hook(record_block(i)) for i, b in enumerate(blocks)]
+    norms: dict[str, Tensor] = {}
+    if criterion == "wanda":
+        handles += [_input_norms(model, name, w, norms) for name, w in weights]
     head.forward = record_head
     try:
         model(x, **extra)
@@ -102,10 +116,11 @@ def output_curves(model: nn.Module, weights: Sequence[tuple[str, Tensor]], x: Te
         for (name, w), b, k in tqdm(list(zip(weights, block_of, keep)), desc="rd curves", unit="layer",
                                     disable=not progress):
             top = max(j for j in range(steps + 1) if w.numel() - grid_pruned(w.numel(), j, steps) >= min(k, w.numel()))
+            prune = _pruner(w.detach(), norms.get(name), steps)
             if w is head.weight:
-                curve = _head_curve(w, reference, top, steps)
+                curve = _head_curve(w, prune, reference, top)
             else:
-                curve = _curve(model, blocks, recorded, b, w, x, top, steps, extra, G, reference, seen)
+                curve = _curve(model, blocks, recorded, b, w, prune, x, top, extra, G, reference, seen)
             curves.append(torch.cat([curve, torch.full((steps - top,), torch.inf, dtype=torch.float64)]))
         return curves
     finally:
@@ -116,8 +131,39 @@ def output_curves(model: nn.Module, weights: Sequence[tuple[str, Tensor]], x: Te
             blk.__dict__.pop("forward", None)
 
 
-def _curve(model: nn.Module, blocks: nn.ModuleList, recorded: list, b: int, w: Tensor, x: Tensor, top: int,
-           steps: int, extra: dict, G: Tensor, reference: Tensor, seen: list) -> Tensor:
+def _input_norms(model: nn.Module, name: str, w: Tensor, norms: dict):
+    """A forward pre-hook on ``name``'s Linear that stores its inputs' squared column norms, (cols,) float64."""
+    module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else None
+    if not isinstance(module, nn.Linear) or module.weight is not w:
+        raise LowbitError(f"rd curves with the wanda criterion need Linear weights; {name} is not one (use "
+                          "method magnitude for it)")
+
+    def hook(mod: nn.Module, args: tuple) -> None:
+        norms[name] = args[0].detach().reshape(-1, args[0].shape[-1]).double().square().sum(0)
+    return module.register_forward_pre_hook(hook)
+
+
+def _pruner(w: Tensor, col_sq: Tensor | None, steps: int):
+    """j -> the weight with amount j/steps pruned: by |w| over the layer, or (given the input column
+    norms²) by |w_ij|·‖x_j‖ within each row."""
+    if col_sq is None:
+        order = torch.sort(w.abs().reshape(-1), stable=True).indices  # smallest first
+
+        def prune(j: int) -> Tensor:
+            flat = w.reshape(-1).clone()
+            flat[order[:grid_pruned(w.numel(), j, steps)]] = 0.0
+            return flat.reshape(w.shape)
+        return prune
+    rows_order = torch.sort(w.abs().double() * col_sq.sqrt(), dim=1, stable=True).indices  # (rows, cols)
+
+    def prune(j: int) -> Tensor:
+        drop = rows_order[:, :grid_pruned(w.shape[1], j, steps)]
+        return w.clone().scatter_(1, drop, 0.0)
+    return prune
+
+
+def _curve(model: nn.Module, blocks: nn.ModuleList, recorded: list, b: int, w: Tensor, prune, x: Tensor, top: int,
+           extra: dict, G: Tensor, reference: Tensor, seen: list) -> Tensor:
     """(top + 1,) δ of one weight at amounts j/steps for j ≤ top, skipping the blocks before block
     ``b`` (their outputs recorded)."""
     for i, blk in enumerate(blocks):
@@ -126,13 +172,10 @@ def _curve(model: nn.Module, blocks: nn.ModuleList, recorded: list, b: int, w: T
         else:
             blk.__dict__.pop("forward", None)
     original = w.detach().clone()
-    order = torch.sort(original.abs().reshape(-1), stable=True).indices  # smallest first
     curve = torch.zeros(top + 1, dtype=torch.float64)
     try:
         for j in range(1, top + 1):
-            pruned = original.reshape(-1).clone()
-            pruned[order[:grid_pruned(original.numel(), j, steps)]] = 0.0
-            w.data.copy_(pruned.reshape(original.shape))
+            w.data.copy_(prune(j))
             model(x, **extra)
             d = seen.pop() - reference  # (tokens, d)
             curve[j] = ((d @ G) * d).sum(1).mean()
@@ -141,16 +184,12 @@ def _curve(model: nn.Module, blocks: nn.ModuleList, recorded: list, b: int, w: T
     return curve
 
 
-def _head_curve(w: Tensor, h: Tensor, top: int, steps: int) -> Tensor:
+def _head_curve(w: Tensor, prune, h: Tensor, top: int) -> Tensor:
     """(top + 1,) δ of the (untied) output layer itself: mean over tokens of ||h ΔWᵀ||², h (tokens, d)."""
-    flat = w.detach().reshape(-1)
-    order = torch.sort(flat.abs(), stable=True).indices
     curve = torch.zeros(top + 1, dtype=torch.float64)
     for j in range(1, top + 1):
-        delta = torch.zeros_like(flat, dtype=torch.float64)
-        idx = order[:grid_pruned(flat.numel(), j, steps)]
-        delta[idx] = flat[idx].double()  # W − Ŵ: the pruned weights
-        curve[j] = (h @ delta.reshape(w.shape).T).square().sum(1).mean()
+        delta = (w.detach() - prune(j)).double()  # the pruned weights, zero elsewhere
+        curve[j] = (h @ delta.T).square().sum(1).mean()
     return curve
 
 
