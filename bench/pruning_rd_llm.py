@@ -12,8 +12,9 @@ Allocations: ``uniform``, ``erk``, ``lamp`` and ``rd`` (curves on ``--rd-tokens`
 evaluation half and of English prose (out of domain): perplexity, KL against fp32, and the paired
 per-token log-perplexity difference against the same method with ``uniform`` (negative: better),
 ± the 95% interval over windows (``bench/gptq_paired.py``'s estimator). Seconds include the
-allocation (rd's curves). Writes the section of BENCHMARKS.md between the pruning-rd markers and
-``bench/out/pruning-rd.json``.
+allocation (rd's curves). Writes ``bench/out/pruning-rd-<method>.json`` per method and the section of
+BENCHMARKS.md between the pruning-rd markers from every such file (a run of one method keeps the
+others' rows; each method is compared with its own uniform cell of the same run).
 """
 from __future__ import annotations
 
@@ -89,31 +90,46 @@ def main() -> None:
                           "vs_uniform": {k: paired(scores[k]["nll"], scores[f"{m['method']} uniform"]["nll"], tokens)
                                          for k, m in meta.items() if m["allocation"] != "uniform"}}
         print(corpus, json.dumps(result[corpus]), flush=True)
-    out = HERE / "out" / "pruning-rd.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    write_markdown(result, args)
+    for method in args.methods.split(","):
+        keep = {k for k, m in meta.items() if m["method"] == method}
+        one = {**result, "cells": {k: v for k, v in meta.items() if k in keep}, "args": vars(args)}
+        for corpus in ("pydoc", "prose"):
+            one[corpus] = {"windows": result[corpus]["windows"],
+                           **{f: {k: v for k, v in result[corpus][f].items() if k in keep | {"fp32"}}
+                              for f in ("ppl", "kl", "vs_uniform")}}
+        out = HERE / "out" / f"pruning-rd-{method}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(one, indent=1))
+    write_markdown(sorted((HERE / "out").glob("pruning-rd-*.json")))
 
 
-def write_markdown(r: dict, args: argparse.Namespace, path: Path = HERE.parent / "BENCHMARKS.md") -> None:
+def write_markdown(files: list[Path], path: Path = HERE.parent / "BENCHMARKS.md") -> None:
+    runs = [json.loads(f.read_text()) for f in files]
     lines = [MARK_BEGIN, "### Layer-adaptive sparsity on SmolLM2-135M: rate-distortion (§15) against uniform, ERK, LAMP",
-             "", f"Reproduce: `python3 bench/pruning_rd_llm.py --sparsity {args.sparsity} --windows {args.windows} "
-             f"--samples {args.samples} --rd-tokens {args.rd_tokens} --rd-steps {args.rd_steps} --methods {args.methods}`."
-             f" Every block linear pruned to {args.sparsity:.0%} overall; calibration {r['samples']} pydoc windows of "
-             f"{r['seq_len']} tokens; every model scored on the same windows. \"− uniform\" is the paired per-token "
-             "log-perplexity difference against the same method with uniform allocation (negative: better), ± the 95% "
-             f"interval over windows. Seconds include the allocation. Machine: {platform.machine()}, {os.cpu_count()} "
-             f"cores, torch {torch.__version__}.", "",
+             "", "Reproduce, one command per method: " + "; ".join(
+                 f"`python3 bench/pruning_rd_llm.py --sparsity {a['sparsity']} --windows {a['windows']} --samples "
+                 f"{a['samples']} --rd-tokens {a['rd_tokens']} --rd-steps {a['rd_steps']} --methods {a['methods']}`"
+                 for a in {r["args"]["methods"]: r["args"] for r in runs}.values()) + ". "
+             "Every block linear pruned to the sparsity overall (the tied head is left out); calibration on pydoc "
+             "windows of 512 tokens; every model scored on the same 512-token windows of the pydoc evaluation half "
+             "and of prose. \"− uniform\" is the paired per-token log-perplexity difference against the same method "
+             "with uniform allocation in the same run (negative: better), ± the 95% interval over windows. Seconds "
+             "include the allocation (rd: its curves). rd's curves prune by the method's own criterion (magnitude: "
+             f"|w|; wanda: |w|·‖x‖ per row). Machine: {platform.machine()}, {os.cpu_count()} cores, torch "
+             f"{torch.__version__}.", "",
              "| method | allocation | layer ratios | seconds | pydoc ppl | − uniform | prose ppl | − uniform |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
-    p, q = r["pydoc"], r["prose"]
-    lines.append(f"| fp32 | - | - | - | {p['ppl']['fp32']:.2f} | - | {q['ppl']['fp32']:.2f} | - |")
-    for name, m in r["cells"].items():
-        diffs = ["-", "-"] if m["allocation"] == "uniform" else \
-            [f"{s['vs_uniform'][name][0]:+.4f} ± {Z95 * s['vs_uniform'][name][1]:.4f}" for s in (p, q)]
-        lines.append(f"| {m['method']} | {m['allocation']} | {m['min_ratio']:.2f}–{m['max_ratio']:.2f} "
-                     f"({m['pruned_layers']} layers) | {m['seconds']:.0f} | {p['ppl'][name]:.2f} | {diffs[0]} | "
-                     f"{q['ppl'][name]:.2f} | {diffs[1]} |")
+    if runs:
+        lines.append(f"| fp32 | - | - | - | {runs[0]['pydoc']['ppl']['fp32']:.2f} | - | "
+                     f"{runs[0]['prose']['ppl']['fp32']:.2f} | - |")
+    for r in runs:
+        p, q = r["pydoc"], r["prose"]
+        for name, m in r["cells"].items():
+            diffs = ["-", "-"] if m["allocation"] == "uniform" else \
+                [f"{s['vs_uniform'][name][0]:+.4f} ± {Z95 * s['vs_uniform'][name][1]:.4f}" for s in (p, q)]
+            lines.append(f"| {m['method']} | {m['allocation']} | {m['min_ratio']:.2f}–{m['max_ratio']:.2f} "
+                         f"({m['pruned_layers']} layers) | {m['seconds']:.0f} | {p['ppl'][name]:.2f} | {diffs[0]} | "
+                         f"{q['ppl'][name]:.2f} | {diffs[1]} |")
     lines += ["", MARK_END]
     write_section(path, MARK_BEGIN, MARK_END, lines)
 
