@@ -65,7 +65,8 @@ from lowbit.formats.int import IntFormat
 from lowbit.export._roles import refuse_extras
 from lowbit.io import INDEX, MANIFEST, WEIGHTS, read_manifest
 from lowbit.packing import pack
-from lowbit.export import _ct_sparse as ct_sparse
+from lowbit.export._ct_sparse import check_format, sparsity_config
+from lowbit.export._ct_sparse import compress as compress_sparse
 from lowbit.export._sparse import fold_mask, warn_dense
 from lowbit.qtensor import CORE_ROLES, QuantizedTensor, unpack_mask
 from lowbit.schemes import describe
@@ -100,7 +101,7 @@ def export(path: Path, out: Path, overwrite: bool = False, sparse_format: str = 
     "sparse-bitmask" or "sparse-24-bitmask" (float pruned models only; see the module docstring).
     """
     path, out = Path(path), Path(out)
-    ct_sparse.check_format(sparse_format)
+    check_format(sparse_format)
     manifest = read_manifest(path)
     if manifest["model"]["kind"] != "hf" or not (path / "config.json").is_file():
         raise LowbitError(f"{path} holds no Hugging Face model (config.json); compressed-tensors exports need one, "
@@ -121,7 +122,7 @@ def export(path: Path, out: Path, overwrite: bool = False, sparse_format: str = 
         else:
             sparsity = _write_weights(path, tmp, manifest, layers, tied, sparse_format)
             config["quantization_config"] = {"quant_method": "compressed-tensors", "version": "0.14.0",
-                                             "sparsity_config": ct_sparse.sparsity_config(
+                                             "sparsity_config": sparsity_config(
                                                  sparse_format, [k[:-len(".weight")] for k in manifest["masks"]],
                                                  sparsity)}
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -319,7 +320,7 @@ def _sparse(tensors: dict[str, Tensor], manifest: dict[str, Any], sparse_format:
             continue  # in another shard
         keep = unpack_mask(tensors.pop(m["tensor"]), tuple(m["shape"]))
         weight = tensors.pop(key)
-        tensors.update(ct_sparse.compress(key[:-len(".weight")], weight, keep, sparse_format))
+        tensors.update(compress_sparse(key[:-len(".weight")], weight, keep, sparse_format))
         counts[0] += int((~keep).sum())
         counts[1] += keep.numel()
     return tensors
