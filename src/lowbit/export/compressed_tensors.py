@@ -316,8 +316,11 @@ def _sparse(tensors: dict[str, Tensor], manifest: dict[str, Any], sparse_format:
             counts: list[int]) -> dict[str, Tensor]:
     """One shard's float pruned weights and their masks -> the sparse format's tensors."""
     for key, m in manifest["masks"].items():
-        if key not in tensors or m["tensor"] not in tensors:
+        if key not in tensors and m["tensor"] not in tensors:
             continue  # in another shard
+        if key not in tensors or m["tensor"] not in tensors:
+            raise LowbitError(f"the weight and the mask of {key} are in different shards of the folder, which "
+                              f"{sparse_format} cannot pair; export it with sparse_format='dense'")
         keep = unpack_mask(tensors.pop(m["tensor"]), tuple(m["shape"]))
         weight = tensors.pop(key)
         tensors.update(compress_sparse(key[:-len(".weight")], weight, keep, sparse_format))
