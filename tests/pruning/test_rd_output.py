@@ -85,6 +85,14 @@ def test_keep_forbids_amounts_without_measuring_them():
     assert torch.isfinite(curve[:3]).all() and torch.isinf(curve[3:]).all()  # 50% keeps 3072, 75% keeps 1536
 
 
+def test_a_wanda_curve_of_a_non_linear_weight_is_refused_and_leaves_no_hook():
+    model = tiny("gpt2")  # Conv1D projections
+    name = "transformer.h.0.mlp.c_fc.weight"
+    with pytest.raises(LowbitError, match="wanda criterion need Linear weights; transformer.h.0.mlp.c_fc.weight"):
+        output_curves(model, [(name, model.get_parameter(name))], windows(), 2, criterion="wanda", progress=False)
+    assert not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in model.modules())
+
+
 def test_calibration_tokens_takes_whole_windows_or_cuts_one():
     batches = list(windows(4, 16).split(2))
     assert calibration_tokens(batches, 10).shape == (1, 10)

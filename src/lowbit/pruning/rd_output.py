@@ -100,12 +100,13 @@ def output_curves(model: nn.Module, weights: Sequence[tuple[str, Tensor]], x: Te
     if any("forward" in m.__dict__ for m in (head, *blocks)):
         raise LowbitError("allocation=rd replaces the forward of the output layer and the blocks while it measures, "
                           "but this model has already replaced one (hooks from another library?); load it plainly")
-    handles = [b.register_forward_hook(record_block(i)) for i, b in enumerate(blocks)]
+    handles: list = []
     norms: dict[str, Tensor] = {}
-    if criterion == "wanda":
-        handles += [_input_norms(model, name, w, norms) for name, w in weights]
-    head.forward = record_head
     try:
+        handles += [b.register_forward_hook(record_block(i)) for i, b in enumerate(blocks)]
+        if criterion == "wanda":
+            handles += [_input_norms(model, name, w, norms) for name, w in weights]
+        head.forward = record_head
         model(x, **extra)
         for h in handles:
             h.remove()
@@ -126,7 +127,7 @@ def output_curves(model: nn.Module, weights: Sequence[tuple[str, Tensor]], x: Te
     finally:
         for h in handles:
             h.remove()
-        del head.forward
+        head.__dict__.pop("forward", None)
         for blk in blocks:
             blk.__dict__.pop("forward", None)
 
