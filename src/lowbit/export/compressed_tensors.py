@@ -117,10 +117,11 @@ def export(path: Path, out: Path, overwrite: bool = False, sparse_format: str = 
     _warn_scale_cast(manifest)
     config = _config(path, manifest, list(layers.values()), modules)
     with atomic_folder(out, overwrite) as tmp:
+        pruned, (zeros, total) = _write_weights(path, tmp, manifest, layers, tied, sparse_format)
         if sparse_format == "dense":
-            warn_dense("compressed-tensors", _write_weights(path, tmp, manifest, layers, tied))
+            warn_dense("compressed-tensors", pruned)
         else:
-            sparsity = _write_weights(path, tmp, manifest, layers, tied, sparse_format)
+            sparsity = zeros / total
             config["quantization_config"] = {"quant_method": "compressed-tensors", "version": "0.14.0",
                                              "sparsity_config": sparsity_config(
                                                  sparse_format, [k[:-len(".weight")] for k in manifest["masks"]],
@@ -286,11 +287,11 @@ def pack_int32(codes: Tensor, bits: int) -> Tensor:
 
 
 def _write_weights(path: Path, tmp: Path, manifest: dict[str, Any], layers: dict[str, Layer],
-                   tied: set[str], sparse_format: str = "dense") -> Any:
+                   tied: set[str], sparse_format: str = "dense") -> tuple[list[str], tuple[int, int]]:
     """Convert shard by shard under the input's file names; an index when the input had one.
 
-    Returns the keys of the pruned weights written dense, or with a sparse format the overall
-    sparsity of the pruned weights.
+    Returns the keys of the pruned weights written dense, and (pruned, total) weights of those
+    written in a sparse format.
     """
     index = path / INDEX
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS]
@@ -309,7 +310,7 @@ def _write_weights(path: Path, tmp: Path, manifest: dict[str, Any], layers: dict
     if index.is_file():
         text = json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
         (tmp / INDEX).write_text(text + "\n")
-    return sorted(pruned) if sparse_format == "dense" else counts[0] / counts[1]
+    return sorted(pruned), (counts[0], counts[1])
 
 
 def _sparse(tensors: dict[str, Tensor], manifest: dict[str, Any], sparse_format: str,

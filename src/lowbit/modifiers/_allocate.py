@@ -37,6 +37,7 @@ from lowbit.qtensor import matrix_view
 from lowbit.scheme import SparsitySpec, TensorScheme
 
 ALLOCATIONS = ("uniform", "global", "erk", "lamp", "rd")
+WITHOUT_DATA = tuple(a for a in ALLOCATIONS if a != "rd")  # what a method that never sees data can take
 
 
 def check_allocation(name: str, allocation: str, min_keep: float, rd_steps: int = 10, rd_tokens: int = 256,

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from lowbit.algorithms.magnitude import random_mask
 from lowbit.algorithms.wanda import check_sparsity
-from lowbit.modifiers._allocate import allocate_pairs, check_allocation
+from lowbit.modifiers._allocate import WITHOUT_DATA, allocate_pairs, check_allocation
 from lowbit.modifiers.base import BlockWork, LayerResult, Modifier
 from lowbit.scheme import TensorScheme
 
@@ -33,7 +33,7 @@ class RandomPruning(Modifier):
     changes_float = True
 
     def __post_init__(self) -> None:
-        check_allocation(self.name, self.allocation, 0.0, allowed=("uniform", "global", "erk", "lamp"))
+        check_allocation(self.name, self.allocation, 0.0, allowed=WITHOUT_DATA)
 
     def check_scheme(self, scheme: TensorScheme) -> None:
         if scheme.sparsity is not None:
