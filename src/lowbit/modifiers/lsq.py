@@ -42,33 +42,22 @@ costs about 0.5 s of one core there, one of 8 windows 1.5 s.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
-from lowbit.models.targets import targets
+from lowbit.modifiers._blockfit import Wrapped, attach_frozen, batch_order, block_loss, mse, put, training, wrap
 from lowbit.modifiers.base import BlockData, BlockWork, Modifier
-from lowbit.nn.activation import quantize_input
-from lowbit.nn.reference import attach, qtensors
 from lowbit.qat.fakequant import check_learnable
 from lowbit.qat.layer import FakeQuantLinear
-from lowbit.quantizer import quantize_weight
-from lowbit.scheme import ActSpec, TensorScheme
+from lowbit.scheme import TensorScheme
 
-@dataclass
-class _Wrapped:
-    """One layer under training: its name inside the block, its key, the wrapper and scheme."""
 
-    name: str
-    key: str
-    layer: FakeQuantLinear
-    scheme: TensorScheme
-    start: Tensor  # the initial scale grid (RTN's), to go back to
+def _make(module: nn.Module, scheme: TensorScheme, layout: str, key: str) -> FakeQuantLinear:
+    return FakeQuantLinear(module, scheme.weight, learn_scale=True, layout=layout, name=key)
 
 
 @dataclass(frozen=True)
@@ -109,48 +98,44 @@ class LSQ(Modifier):
         """
         if data.fp_out is None:
             raise LowbitError("lsq needs the float block's outputs; run it through lowbit.engine.runner.calibrate")
-        wrapped, rounded = _wrap(block, data.layers)
+        wrapped, rounded = wrap(block, data.layers, _make, "lsq")
         info: dict[str, Any] = {"layers": [w.key for w in wrapped]}
         if rounded:
             info["rounded_to_nearest"] = rounded
         if not wrapped:
             return info
         weights = [w.layer.weight.detach().clone() for w in wrapped] if self.train_weights and self.steps else []
+        starts = [w.layer.scale.detach().clone() for w in wrapped]  # the initial (RTN) scale grids
         try:
-            before = after = _loss(block, data)
+            before = after = block_loss(block, data)
             if self.steps:
                 self._train(block, wrapped, data)
-                after = _loss(block, data)
+                after = block_loss(block, data)
             kept = "learned" if after < before or not self.steps else "start"
             if kept == "start":
-                _reset(wrapped, weights)
+                _reset(wrapped, starts, weights)
             frozen = [w.layer.freeze() for w in wrapped]
         finally:
             for w in wrapped:
-                _put(block, w.name, w.layer.inner)
+                put(block, w.name, w.layer.inner)
         for w, qt in zip(wrapped, frozen):
-            _attach(w.layer.inner, qt, w.scheme, w.layer.weight.dtype)
+            attach_frozen(w.layer.inner, qt, w.scheme, w.layer.weight.dtype)
         return {**info, "steps": self.steps, "loss_before": before, "loss_after": min(after, before), "kept": kept}
 
-    def _train(self, block: nn.Module, wrapped: list[_Wrapped], data: BlockData) -> None:
+    def _train(self, block: nn.Module, wrapped: list[Wrapped], data: BlockData) -> None:
         """``steps`` Adam steps on the block-output MSE of one batch each, in place."""
         groups = []
         for w in wrapped:
-            mean = float(w.start.abs().mean())
+            mean = float(w.layer.scale.detach().abs().mean())
             groups.append({"params": [w.layer.scale], "lr": self.lr * (mean if mean > 0 else 1.0)})
             if self.train_weights:
                 groups.append({"params": [w.layer.weight], "lr": self.weight_lr})
         optimizer = torch.optim.Adam(groups)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.steps)
-        generator = torch.Generator().manual_seed(0)
-        order: list[int] = []
-        with _training(block, [p for g in groups for p in g["params"]]):
-            for _ in range(self.steps):
-                if not order:
-                    order = torch.randperm(len(data.calls), generator=generator).tolist()
-                j = order.pop(0)
+        with training(block, [p for g in groups for p in g["params"]]):
+            for j in batch_order(len(data.calls), self.steps):
                 out = data.calls[j].run(block, data.q_in[j])  # (B, T, hidden)
-                loss = F.mse_loss(out.float(), data.fp_out[j].float())
+                loss = mse(out, data.fp_out[j])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -179,96 +164,10 @@ class LSQ(Modifier):
         return float(self.steps * (6 * weights * work.batch_tokens + 20 * weights) + 2 * 2 * weights * work.tokens)
 
 
-def _wrap(block: nn.Module, layers: list) -> tuple[list[_Wrapped], list[str]]:
-    """Swap each targeted Linear / Conv1D of ``block`` for a learnable ``FakeQuantLinear``.
-
-    Returns the wrapped layers and the keys of tensors rounded to nearest instead (fused
-    experts, convolutions). Every layer is checked before the block changes.
-    """
-    names = {id(m): n for n, m in block.named_modules()}
-    known = {(t.module_name, t.param): t for t in targets(block)}
-    todo, rounded = [], []
-    for key, module, param, scheme in layers:
-        name = names.get(id(module))
-        target = known.get((name, param))
-        if target is None:
-            raise LowbitError(f"{key} is not a quantizable tensor of the block being solved")
-        if param in qtensors(module):
-            raise LowbitError(f"{key} is already quantized by an earlier stage; lsq cannot change it")
-        if target.kind != "linear" or not name:
-            rounded.append(key)
-            continue
-        todo.append((name, key, module, target.layout, scheme))
-    made = []
-    for name, key, module, layout, scheme in todo:
-        layer = FakeQuantLinear(module, scheme.weight, learn_scale=True, layout=layout, name=key)
-        if scheme.input is not None:  # the wrapper is dropped after the solve, and its hook with it
-            layer.register_forward_pre_hook(_input_rounding(scheme.input))
-        made.append(_Wrapped(name, key, layer, scheme, layer.scale.detach().clone()))
-    for key, module, param, scheme in layers:
-        if key in rounded:
-            w = getattr(module, param)
-            _attach(module, quantize_weight(w, scheme.weight, known[(names[id(module)], param)].layout, key),
-                    scheme, w.dtype, param)
-    for w in made:
-        _put(block, w.name, w.layer)
-    return made, rounded
-
-
-@contextmanager
-def _training(block: nn.Module, trained: list[nn.Parameter]) -> Iterator[None]:
-    """Gradients on, for the ``trained`` parameters of ``block`` only; undone after."""
-    ids = {id(p) for p in trained}
-    frozen = [p for p in block.parameters() if p.requires_grad and id(p) not in ids]
-    try:
-        for p in frozen:
-            p.requires_grad_(False)
-        for p in trained:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-
-
-def _loss(block: nn.Module, data: BlockData) -> float:
-    """Mean squared error of the block's outputs on ``q_in`` against ``fp_out``, over all batches."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for j, call in enumerate(data.calls):
-            out = call.run(block, data.q_in[j]).float()  # (B, T, hidden)
-            total += float(F.mse_loss(out, data.fp_out[j].float(), reduction="sum"))
-            count += out.numel()
-    return total / max(count, 1)
-
-
-def _reset(wrapped: list[_Wrapped], weights: list[Tensor]) -> None:
+def _reset(wrapped: list[Wrapped], starts: list[Tensor], weights: list[Tensor]) -> None:
     """Put the initial scales (and weights, if they were trained) back."""
     with torch.no_grad():
-        for w in wrapped:
-            w.layer.scale.copy_(w.start)
+        for w, start in zip(wrapped, starts):
+            w.layer.scale.copy_(start)
         for w, start in zip(wrapped, weights):
             w.layer.weight.copy_(start)
-
-
-def _input_rounding(spec: ActSpec):
-    """A forward pre-hook rounding a layer's input as ``spec`` says; the rounding is passed
-    straight through (value: the rounded input exactly; gradient: identity)."""
-    def hook(module: nn.Module, args: tuple) -> tuple:
-        x = args[0]
-        q = quantize_input(x.detach(), spec)
-        return (q + (x - x.detach()), *args[1:])
-
-    return hook
-
-
-def _attach(module: nn.Module, qt: Any, scheme: TensorScheme, dtype: torch.dtype, param: str = "weight") -> None:
-    if scheme.input is not None:
-        qt = replace(qt, input=scheme.input)
-    attach(module, param, qt, dtype)
-
-
-def _put(block: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(block.get_submodule(parent) if parent else block, child, module)
