@@ -212,3 +212,17 @@ def test_kill_9_then_resume_gives_identical_bytes(run, tiny_llama_dir, tmp_path)
     resumed = run("quantize", str(tiny_llama_dir), "--out", str(out), *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed at block" in resumed.stdout and files(out) == files(tmp_path / "ref")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc only")
+def test_peak_memory_stays_under_the_forecast(tiny_llama_dir, tmp_path):
+    """--max-memory trusts the forecast, which counts signround's own memory (``memory``)."""
+    report = tmp_path / "numbers.json"
+    code = "import sys; from lowbit.cli import main; sys.argv = ['lowbit', *sys.argv[1:]]; main()"
+    subprocess.run([sys.executable, "-c", code, "quantize", str(tiny_llama_dir), "--out", str(tmp_path / "q"),
+                    "--method", "signround", "--steps", "3", *CLI, "--report", str(report)],
+                   capture_output=True, text=True, check=True)
+    numbers = json.loads(report.read_text())
+    assert 0 < numbers["peak_rss_bytes"] <= numbers["forecast_bytes"], numbers
+    work = __import__("lowbit.modifiers.base", fromlist=["BlockWork"]).BlockWork(((64, 64),), 1024, 256)
+    assert make("signround").memory(work) > 0 and make("signround", init="gptq").flops(work) > make("signround").flops(work)
