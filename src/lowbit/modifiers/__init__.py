@@ -20,6 +20,7 @@ REGISTRY: dict[str, str] = {
     "magnitude": "lowbit.modifiers.magnitude:Magnitude",
     "random": "lowbit.modifiers.random_pruning:RandomPruning",
     "lsq": "lowbit.modifiers.lsq:LSQ",
+    "adaround": "lowbit.modifiers.adaround:AdaRound",
     "smoothquant": "lowbit.modifiers.smoothquant:SmoothQuant",
 }
 
