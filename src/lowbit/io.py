@@ -29,7 +29,7 @@ from lowbit.errors import LowbitError
 from lowbit.manifest import (FORMAT_VERSION, MANIFEST, RECIPE_ATTR, check_agree, migrate, quantization_config,
                              restore_recipe)
 from lowbit.nn.convert import place
-from lowbit.nn.reference import add_bias, attach, attach_mask, masks, quantized_tensors
+from lowbit.nn.reference import add_bias, added_biases, attach, attach_mask, masks, quantized_tensors
 from lowbit.qtensor import QuantizedTensor, pack_mask, unpack_mask
 from lowbit.version import __version__
 
@@ -57,6 +57,8 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None, overwr
     try:
         manifest = _write_weights(tmp, [collect(model)] if chunks is None else chunks)
         manifest["model"] = _model_info(model)
+        if added_biases(model):  # transformers' from_pretrained would drop them: lowbit.load adds them
+            manifest["added_biases"] = added_biases(model)
         if model.__dict__.get(RECIPE_ATTR):
             manifest["made_by"] = model.__dict__[RECIPE_ATTR]  # the runs' recipes and rules, when lowbit made it
         _write_json(tmp / MANIFEST, manifest)

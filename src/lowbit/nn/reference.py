@@ -34,6 +34,7 @@ from lowbit.qtensor import QuantizedTensor
 _QTENSORS = "_lowbit_qtensors"
 _MASKS = "_lowbit_masks"
 _HOOKED = "_lowbit_input_hook"
+ADDED_BIAS = "_lowbit_added_bias"
 
 
 def qtensors(module: nn.Module) -> dict[str, QuantizedTensor]:
@@ -107,7 +108,13 @@ def add_bias(module: nn.Module, dtype: torch.dtype | None = None, device: torch.
     out = w.shape[0] if isinstance(module, nn.Linear) else w.shape[1]
     dtype = dtype or (w.dtype if w.is_floating_point() else torch.float32)
     module.bias = nn.Parameter(torch.zeros(out, dtype=dtype, device=device or w.device))
+    module.__dict__[ADDED_BIAS] = True  # the saved manifest lists it (a loader's skeleton lacks it)
     return module.bias
+
+
+def added_biases(model: nn.Module) -> list[str]:
+    """Names of the biases ``add_bias`` created in ``model`` (``<module>.bias``)."""
+    return [f"{name}.bias" for name, m in model.named_modules() if m.__dict__.get(ADDED_BIAS)]
 
 
 def attach_mask(module: nn.Module, param: str, mask: Tensor) -> None:
