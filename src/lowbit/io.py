@@ -29,7 +29,7 @@ from lowbit.errors import LowbitError
 from lowbit.manifest import (FORMAT_VERSION, MANIFEST, RECIPE_ATTR, check_agree, migrate, quantization_config,
                              restore_recipe)
 from lowbit.nn.convert import place
-from lowbit.nn.reference import attach, attach_mask, masks, quantized_tensors
+from lowbit.nn.reference import add_bias, added_biases, attach, attach_mask, masks, quantized_tensors
 from lowbit.qtensor import QuantizedTensor, pack_mask, unpack_mask
 from lowbit.version import __version__
 
@@ -57,6 +57,8 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None, overwr
     try:
         manifest = _write_weights(tmp, [collect(model)] if chunks is None else chunks)
         manifest["model"] = _model_info(model)
+        if added_biases(model):  # transformers' from_pretrained would drop them: lowbit.load adds them
+            manifest["added_biases"] = added_biases(model)
         if model.__dict__.get(RECIPE_ATTR):
             manifest["made_by"] = model.__dict__[RECIPE_ATTR]  # the runs' recipes and rules, when lowbit made it
         _write_json(tmp / MANIFEST, manifest)
@@ -260,6 +262,7 @@ def load_into(model: nn.Module, path: str | os.PathLike, packed: bool = True) ->
     tensors = read_weights(path)
     modules = dict(model.named_modules())
     restore_recipe(model, manifest)
+    _add_saved_biases(model, modules, tensors)
     built: dict[str, tuple[QuantizedTensor, torch.Tensor]] = {}
     quantized = manifest["quantized"]
     shared = {meta["same_as"] for meta in quantized.values() if "same_as" in meta}
@@ -291,6 +294,15 @@ def load_into(model: nn.Module, path: str | os.PathLike, packed: bool = True) ->
         module_name, _, param = key.rpartition(".")
         attach_mask(model.get_submodule(module_name), param, mask)
     return model
+
+
+def _add_saved_biases(model: nn.Module, modules: dict[str, nn.Module], tensors: dict[str, torch.Tensor]) -> None:
+    """A Linear the saved folder gives a bias its skeleton lacks (added by bias correction) gets one."""
+    known = set(model.state_dict())
+    for key, t in tensors.items():
+        module_name, _, name = key.rpartition(".")
+        if name == "bias" and key not in known and getattr(modules.get(module_name), "bias", 1) is None:
+            add_bias(modules[module_name], t.dtype)
 
 
 def _pop(tensors: dict[str, torch.Tensor], key: str, path: Path) -> torch.Tensor:

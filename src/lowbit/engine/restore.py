@@ -15,7 +15,7 @@ from torch import nn
 
 from lowbit.engine.checkpoint import RunDir, read_block
 from lowbit.engine.report import RunReport
-from lowbit.nn.reference import attach, attach_mask, float_masks, qtensors
+from lowbit.nn.reference import add_bias, attach, attach_mask, float_masks, qtensors
 from lowbit.qtensor import ROLES, QuantizedTensor
 
 
@@ -75,4 +75,6 @@ def restore_block(model: nn.Module, folder: Path, i: int) -> None:
 def _tensor_at(model: nn.Module, key: str) -> torch.Tensor:
     module_name, _, name = key.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
+    if name == "bias" and getattr(module, "bias", None) is None:
+        return add_bias(module)  # one that bias correction added
     return getattr(module, name)

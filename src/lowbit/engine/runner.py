@@ -91,9 +91,11 @@ def calibrate(model: nn.Module, plan: list[Rule], method: Recipe | Modifier | st
             if streaming:
                 streaming.load(blocks[i], f"{name}." if name else "")
             fp_out = _propagate(blocks[i], calls, fp_in, _gen(run, i, "fp", act_budget)) if keep_float else None
+            fp_weights = _float_weights(model, recipe, split, i)
             counts = []
             for k, (stage, parts) in enumerate(zip(recipe.stages, split)):
-                data = BlockData(calls, q_in, fp_in, fp_out) if stage.modifier.has_block_solve else None
+                data = BlockData(calls, q_in, fp_in, fp_out, fp_weights=fp_weights) \
+                    if stage.modifier.has_block_solve else None
                 done = _run_stage(model, blocks[i], stage, report.stages[k], parts.get(i, []), calls, q_in, data,
                                   report)
                 counts.append(len(done) if stage.modifier.has_layer_solve else len(parts.get(i, [])))
@@ -144,6 +146,18 @@ def _run_stage(model: nn.Module, block: nn.Module, stage: Stage, sr: StageReport
         sr.done += len(pairs)
     sr.seconds += time.perf_counter() - t0
     return solved
+
+
+def _float_weights(model: nn.Module, recipe: Recipe, split: list[dict[int, Pairs]], i: int
+                   ) -> dict[str, Tensor] | None:
+    """Copies of block ``i``'s float weights targeted by stages that ask for them
+    (``Modifier.float_weights``), taken before any stage runs on the block; else None."""
+    wanted = [t for stage, parts in zip(recipe.stages, split) if stage.modifier.float_weights
+              for t, _ in parts.get(i, [])]
+    if not wanted:
+        return None
+    modules = dict(model.named_modules())
+    return {t.key: getattr(modules[t.module_name], t.param).detach().clone() for t in wanted}
 
 
 def _block_lines(m: Modifier, pairs: Pairs, info: dict, report: RunReport) -> None:

@@ -13,10 +13,11 @@ import os
 from pathlib import Path
 
 from safetensors import safe_open
+import torch
 from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
-from lowbit.nn.reference import forget
+from lowbit.nn.reference import ADDED_BIAS, forget
 
 INDEX = "model.safetensors.index.json"
 
@@ -73,7 +74,10 @@ def fill(model: nn.Module, module: nn.Module, prefix: str, source: WeightSource,
     for name, p in list(module.named_parameters()):
         if p.device.type != "meta" or (skip and (prefix + name).startswith(skip)):
             continue
-        fresh = nn.Parameter(source.get(prefix + name), requires_grad=False)
+        if _added_bias(module, name):  # not on disk: the run's checkpoint fills it (bias correction)
+            fresh = nn.Parameter(torch.zeros(p.shape, dtype=p.dtype), requires_grad=False)
+        else:
+            fresh = nn.Parameter(source.get(prefix + name), requires_grad=False)
         for owner, pname in owners.get(id(p), []):
             owner._parameters[pname] = fresh
     for name, b in list(module.named_buffers()):
@@ -83,6 +87,13 @@ def fill(model: nn.Module, module: nn.Module, prefix: str, source: WeightSource,
         owner = module.get_submodule(owner_name) if owner_name else module
         if bname not in owner._non_persistent_buffers_set:
             owner._buffers[bname] = source.get(prefix + name)
+
+
+def _added_bias(module: nn.Module, name: str) -> bool:
+    """Whether the parameter ``name`` of ``module`` is a bias that bias correction added."""
+    owner_name, _, pname = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    return pname == "bias" and bool(owner.__dict__.get(ADDED_BIAS))
 
 
 def empty(module: nn.Module) -> None:

@@ -20,6 +20,8 @@ REGISTRY: dict[str, str] = {
     "magnitude": "lowbit.modifiers.magnitude:Magnitude",
     "random": "lowbit.modifiers.random_pruning:RandomPruning",
     "lsq": "lowbit.modifiers.lsq:LSQ",
+    "adaround": "lowbit.modifiers.adaround:AdaRound",
+    "bias-correction": "lowbit.modifiers.bias_correction:BiasCorrection",
     "smoothquant": "lowbit.modifiers.smoothquant:SmoothQuant",
     "signround": "lowbit.modifiers.signround:SignRound",
 }

@@ -33,8 +33,10 @@ Class attributes tell the engine what a method is:
 * ``produces``: the parts of a ``TensorScheme`` it writes ("weight", "sparsity");
   a recipe whose scheme asks for a part no stage produces is refused;
 * ``requires``: the parts a layer's scheme must have for the method to act on it;
-* ``changes_float``: it changes float weights in place (pruning, folding), so a checkpoint must
-  keep the block's float tensors too;
+* ``changes_float``: it changes float weights in place (pruning, folding, biases), so a
+  checkpoint must keep the block's float tensors too;
+* ``float_weights``: ``solve_block`` needs the float weights of its targets as they were before
+  any stage changed the block (``BlockData.fp_weights``; bias correction after a quantizer);
 * ``solves_kinds``: the target kinds it solves itself (None: every kind); ``check_scheme`` is
   asked only about their schemes (LSQ rounds fused experts and convolutions to nearest);
 * ``keeps_mask``: its ``solve_layer`` takes ``keep=`` (rows, cols) bool, the keep-mask an earlier
@@ -93,6 +95,8 @@ class BlockData:
     fp_out:  per batch, the float block's outputs on ``fp_in`` (computed before any stage
              changed the block), or None.
     layers:  (key, module, param, scheme) of the block's targeted tensors for this stage.
+    fp_weights: with ``Modifier.float_weights``, key -> the tensor's float weight (its own shape
+             and dtype) before any stage changed this block; else None.
     """
 
     calls: list
@@ -100,6 +104,7 @@ class BlockData:
     fp_in: Any = None
     fp_out: Any = None
     layers: list[tuple[str, nn.Module, str, TensorScheme]] = field(default_factory=list)
+    fp_weights: dict[str, Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,7 @@ class Modifier:
     produces: ClassVar[frozenset[str]] = frozenset({"weight"})
     requires: ClassVar[frozenset[str]] = frozenset({"weight"})
     changes_float: ClassVar[bool] = False
+    float_weights: ClassVar[bool] = False
     solves_kinds: ClassVar[frozenset[str] | None] = None
     keeps_mask: ClassVar[bool] = False
 

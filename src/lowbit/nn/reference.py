@@ -34,6 +34,7 @@ from lowbit.qtensor import QuantizedTensor
 _QTENSORS = "_lowbit_qtensors"
 _MASKS = "_lowbit_masks"
 _HOOKED = "_lowbit_input_hook"
+ADDED_BIAS = "_lowbit_added_bias"
 
 
 def qtensors(module: nn.Module) -> dict[str, QuantizedTensor]:
@@ -90,6 +91,30 @@ def _input_hook(module: nn.Module, args: tuple) -> tuple | None:
     if qt is None or qt.input is None or not args:
         return None
     return (quantize_input(args[0], qt.input, qt.input_scale), *args[1:])
+
+
+def add_bias(module: nn.Module, dtype: torch.dtype | None = None, device: torch.device | None = None) -> Tensor:
+    """The bias of a Linear (or GPT-2 Conv1D) ``module``; a zero (out,) bias Parameter is created
+    for one without (bias correction, and loading or resuming what it saved).
+
+    dtype / device: of the new bias (default: the float weight's, float32 for a quantized one).
+    """
+    if getattr(module, "bias", None) is not None:
+        return module.bias
+    linear = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    if not linear:
+        raise LowbitError(f"cannot give a {type(module).__name__} a bias; only Linear and Conv1D layers take one")
+    w = module.weight
+    out = w.shape[0] if isinstance(module, nn.Linear) else w.shape[1]
+    dtype = dtype or (w.dtype if w.is_floating_point() else torch.float32)
+    module.bias = nn.Parameter(torch.zeros(out, dtype=dtype, device=device or w.device))
+    module.__dict__[ADDED_BIAS] = True  # the saved manifest lists it (a loader's skeleton lacks it)
+    return module.bias
+
+
+def added_biases(model: nn.Module) -> list[str]:
+    """Names of the biases ``add_bias`` created in ``model`` (``<module>.bias``)."""
+    return [f"{name}.bias" for name, m in model.named_modules() if m.__dict__.get(ADDED_BIAS)]
 
 
 def attach_mask(module: nn.Module, param: str, mask: Tensor) -> None:

@@ -1,0 +1,131 @@
+"""Empirical bias correction (Nagel et al., "Data-Free Quantization Through Weight Equalization and
+Bias Correction", arXiv:1906.04721, §4.2's empirical variant; Finkelstein et al., "Fighting
+Quantization Bias With Bias", arXiv:1906.03193) as a stage after a quantizing one:
+``rtn+bias-correction``, ``gptq+bias-correction``.
+
+For each quantized Linear / GPT-2 Conv1D of a block, with ``W`` its float weight (as it was before
+any stage changed the block), ``Ŵ`` the quantized one and ``x`` the inputs the layer receives in
+the quantized model on the calibration data, the bias grows by the expected output error per
+output channel::
+
+    b += E[W x] − E[Ŵ x̃] = W·mean(x) − Ŵ·mean(x̃)      (out,)
+
+where ``x̃`` is ``x`` after the scheme's input quantization (``x̃ = x`` without one). After it, the
+mean output error of the layer over those inputs is zero in every channel. A layer without a bias
+gets one (``lowbit.nn.reference.add_bias``): ``lowbit.save`` writes it and ``lowbit.load``
+restores it; transformers' ``from_pretrained`` on a config without biases (``attention_bias``,
+``mlp_bias``) and the exports do not know of it.
+
+Choices of ours: the input means are taken in one forward of the block, before any layer of the
+block is corrected (a correction of an earlier layer shifts a later layer's inputs slightly);
+the sums are accumulated in float64. Fused experts and convolutions are left alone and listed as
+``not_corrected``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.errors import LowbitError
+from lowbit.models.targets import targets
+from lowbit.modifiers.base import BlockData, BlockWork, Modifier
+from lowbit.nn.reference import add_bias, qtensors
+from lowbit.qtensor import matrix_view
+
+
+class _Mean:
+    """Running float64 sum of (tokens, features) rows and their count."""
+
+    def __init__(self) -> None:
+        self.total: Tensor | None = None
+        self.count = 0
+
+    def update(self, x: Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).double()  # (tokens, features)
+        s = rows.sum(0)
+        self.total = s if self.total is None else self.total + s
+        self.count += rows.shape[0]
+
+    def value(self) -> Tensor:
+        return self.total / max(self.count, 1)
+
+
+def correction(W: Tensor, W_hat: Tensor, x_mean: Tensor, x_hat_mean: Tensor) -> Tensor:
+    """W·mean(x) − Ŵ·mean(x̃): (out,) float64 from (out, in) matrices and (in,) means."""
+    return W.double() @ x_mean.double() - W_hat.double() @ x_hat_mean.double()
+
+
+@dataclass(frozen=True)
+class BiasCorrection(Modifier):
+    """Per-output-channel bias correction after a quantizing stage (module docstring); no options."""
+
+    name = "bias-correction"
+    needs_data = True
+    float_weights = True
+    changes_float = True
+    produces = frozenset()
+    solves_kinds = frozenset({"linear"})
+
+    def solve_block(self, block: nn.Module, data: BlockData) -> dict[str, Any] | None:
+        """Correct the biases of ``data.layers``; returns ``layers`` corrected, ``not_corrected``
+        and the largest |correction| relative to the output's mean |W·mean(x)| (``relative``)."""
+        names = {id(m): n for n, m in block.named_modules()}
+        layouts = {(t.module_name, t.param): t for t in targets(block)}
+        todo, skipped = [], []
+        for key, module, param, _ in data.layers:
+            target = layouts.get((names.get(id(module)), param))
+            if target is None or target.kind != "linear" or param != "weight":
+                skipped.append(key)
+                continue
+            if param not in qtensors(module):
+                raise LowbitError(f"{key} is not quantized yet: bias-correction corrects what an earlier stage "
+                                  "quantized, so put it after a quantizing stage (e.g. --method rtn+bias-correction)")
+            todo.append((key, module, target.layout))
+        info: dict[str, Any] = {"layers": [k for k, _, _ in todo]}
+        if skipped:
+            info["not_corrected"] = skipped
+        if not todo:
+            return info
+        raw, seen = _input_means(block, [m for _, m, _ in todo], data)
+        worst = 0.0
+        for (key, module, layout), x, x_hat in zip(todo, raw, seen):
+            W = matrix_view(data.fp_weights[key].to(torch.float32), layout)  # (out, in)
+            W_hat = matrix_view(module.weight.detach().to(torch.float32), layout)
+            c = correction(W, W_hat, x.value(), x_hat.value())  # (out,)
+            bias = add_bias(module)
+            with torch.no_grad():
+                bias.add_(c.to(bias.dtype))
+            scale = float((W.double() @ x.value()).abs().mean())
+            worst = max(worst, float(c.abs().max()) / scale if scale > 0 else 0.0)
+        return {**info, "relative": worst}
+
+    def memory(self, work: BlockWork) -> int:
+        """The float copies of the block's targeted weights (float32, 4 B each), two float64 input
+        means per layer and one batch's layer inputs in float64 for the sums."""
+        weights = sum(r * c for r, c in work.layers)
+        return 4 * weights + 8 * sum(2 * c + work.batch_tokens for _, c in work.layers)
+
+    def flops(self, work: BlockWork) -> float:
+        """Two matrix-vector products per layer and a sum over every calibration input."""
+        return float(sum(4 * r * c + 2 * c * work.tokens for r, c in work.layers))
+
+
+def _input_means(block: nn.Module, modules: list[nn.Module], data: BlockData) -> tuple[list[_Mean], list[_Mean]]:
+    """Per module, the mean of its input before and after its input quantization hook, over one
+    forward of the block on every batch of ``q_in``."""
+    raw, seen = [_Mean() for _ in modules], [_Mean() for _ in modules]
+    hooks = []
+    for m, r, s in zip(modules, raw, seen):
+        hooks.append(m.register_forward_pre_hook(lambda _m, a, r=r: r.update(a[0]), prepend=True))
+        hooks.append(m.register_forward_pre_hook(lambda _m, a, s=s: s.update(a[0])))
+    try:
+        with torch.no_grad():
+            for j, call in enumerate(data.calls):
+                call.run(block, data.q_in[j])
+    finally:
+        for h in hooks:
+            h.remove()
+    return raw, seen
