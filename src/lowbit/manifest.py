@@ -119,10 +119,13 @@ def quantization_config(manifest: dict[str, Any]) -> dict[str, Any]:
         if "spec" in meta:
             name = describe(QuantSpec.from_dict(meta["spec"]))
             specs[name] = specs.get(name, 0) + 1
-    return {"quant_method": QUANT_METHOD, "format_version": manifest["format_version"],
-            "lowbit_version": manifest["lowbit_version"],
-            "scheme": ", ".join(f"{k} ({n} tensors)" for k, n in sorted(specs.items())),
-            "quantized": manifest["quantized"], "masks": manifest.get("masks", {})}
+    qc = {"quant_method": QUANT_METHOD, "format_version": manifest["format_version"],
+          "lowbit_version": manifest["lowbit_version"],
+          "scheme": ", ".join(f"{k} ({n} tensors)" for k, n in sorted(specs.items())),
+          "quantized": manifest["quantized"], "masks": manifest.get("masks", {})}
+    if manifest.get("added_biases"):  # biases a method added (bias correction): the loader creates them
+        qc["added_biases"] = manifest["added_biases"]
+    return qc
 
 
 def check_agree(manifest: dict[str, Any], qc: dict[str, Any], where: str = "this folder") -> None:

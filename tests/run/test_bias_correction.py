@@ -86,6 +86,12 @@ def test_new_biases_are_saved_and_loaded(tmp_path, single_thread):
         with torch.no_grad():
             out = loaded(x).logits
         assert torch.equal(out, before) if not packed else torch.allclose(out, before, atol=0.05)
+    from transformers import AutoModelForCausalLM  # transformers' own loader creates the added biases too
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "bc").eval()
+    assert hf.model.layers[0].mlp.down_proj.bias is not None
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, before, atol=0.05)
 
 
 def test_alone_or_before_a_quantizer_it_is_refused():
@@ -116,3 +122,15 @@ def test_kill_9_then_resume_gives_identical_bytes(run, tiny_llama_dir, tmp_path)
     resumed = run("quantize", str(tiny_llama_dir), "--out", str(out), *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert files(out) == files(tmp_path / "ref")
+
+
+def test_exports_that_cannot_store_added_biases_refuse_them(tmp_path, single_thread):
+    from lowbit.export import export
+
+    model = tiny_llama()
+    calibrate(model, default_plan(model, parse_scheme("uint4:g32")), "rtn+bias-correction", batches(1), progress=False)
+    lowbit.save(model, tmp_path / "bc")
+    for target in ("compressed-tensors", "gguf"):
+        with pytest.raises(LowbitError, match=f"{target} cannot store the biases bias correction added to 14 layers"):
+            export(tmp_path / "bc", target, tmp_path / target)
+        assert not (tmp_path / target).exists()

@@ -3,8 +3,9 @@
 lowbit's own folder stores every role of a QuantizedTensor (``lowbit.qtensor``), input
 activation specs and float sparsity masks. The exports store codes, scales, zeros and global
 scales; masks only where the target passes ``allow=("mask",)`` (every target does: it writes
-pruned weights as stored zeros, ``lowbit.export._sparse``). Each other part is refused with a
-one-line ``LowbitError`` naming it and the tensor.
+pruned weights as stored zeros, ``lowbit.export._sparse``), and biases that bias correction
+added (``manifest["added_biases"]``) only where it passes ``"added_bias"`` (ONNX, whose graph is
+the model itself). Each other part is refused with a one-line ``LowbitError`` naming it.
 """
 from __future__ import annotations
 
@@ -33,6 +34,11 @@ def refuse_extras(manifest: dict[str, Any], target: str, allow: Iterable[str] = 
     for key in sorted(manifest.get("masks", {})):
         if "mask" not in allow:
             raise _refuse(target, "mask", key)
+    added = manifest.get("added_biases", [])
+    if added and "added_bias" not in allow:
+        raise LowbitError(f"{target} cannot store the biases bias correction added to {len(added)} layers that have "
+                          f"none in this architecture (e.g. {added[0]}); its loaders would refuse or drop them. "
+                          "Quantize without bias-correction to export, export to onnx, or keep the lowbit folder")
 
 
 def refuse_model_extras(model: nn.Module, target: str, allow: Iterable[str] = ()) -> None:

@@ -49,7 +49,7 @@ def export(path: Path, out: Path, overwrite: bool = False) -> Path:
 
     path = Path(path)
     manifest = read_manifest(path)
-    refuse_extras(manifest, "onnx", allow=("mask",))
+    refuse_extras(manifest, "onnx", allow=("mask", "added_bias"))
     if manifest["model"]["kind"] != "hf":
         raise LowbitError(f"{path} holds a plain PyTorch module, which cannot be rebuilt without its code; in "
                           "Python, rebuild it, call lowbit.load(path, model=skeleton), then "

@@ -253,7 +253,7 @@ def load_lowbit(path: str | os.PathLike, packed: bool = True) -> Loaded:
     qc = getattr(config, "quantization_config", None)
     tied = any("same_as" in m for m in manifest["quantized"].values())
     if (isinstance(qc, dict) and qc.get("quant_method") == "lowbit" and not tied
-            and not cls.__name__.startswith("Auto") and not manifest.get("added_biases")):
+            and not cls.__name__.startswith("Auto")):
         # transformers' own loader with lowbit's registered quantizer: the skeleton lives on the
         # meta device, so packed layers never hold a float copy of their weights (weights that
         # are not a Linear's are dequantized once, see lowbit.nn.convert.place)
@@ -264,9 +264,8 @@ def load_lowbit(path: str | os.PathLike, packed: bool = True) -> Loaded:
             model = cls.from_pretrained(str(path), dtype=getattr(torch, manifest["model"]["dtype"]))
         restore_recipe(model, manifest)
         return Loaded(model.eval(), _tokenizer(tf, path), str(path), "lowbit")
-    # a quantized weight tied to another module (transformers re-ties parameters only), biases that
-    # bias correction added (the config has none), or a folder written before config.json carried
-    # a quantization_config: skeleton, then tensors
+    # a quantized weight tied to another module (transformers re-ties parameters only), or a
+    # folder written before config.json carried a quantization_config: skeleton, then tensors
     model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
     model = model.to(getattr(torch, manifest["model"]["dtype"])).eval()
     load_into(model, path, packed=packed)  # the skeleton is already tied; tied quantized tensors share one QuantizedTensor

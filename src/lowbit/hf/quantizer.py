@@ -114,18 +114,23 @@ def _register(auto: Any) -> None:
         """transformers-side view of a lowbit folder's ``quantization_config``."""
 
         def __init__(self, quantized: dict | None = None, format_version: int = 1, lowbit_version: str = "",
-                     scheme: str = "", masks: dict | None = None, **kwargs: Any) -> None:
+                     scheme: str = "", masks: dict | None = None, added_biases: list | None = None,
+                     **kwargs: Any) -> None:
             self.quant_method = QUANT_METHOD
             self.quantized = quantized or {}
             self.masks = masks or {}
+            self.added_biases = added_biases or []
             self.format_version = format_version
             self.lowbit_version = lowbit_version
             self.scheme = scheme
 
         def to_dict(self) -> dict[str, Any]:
-            return {"quant_method": QUANT_METHOD, "format_version": self.format_version,
-                    "lowbit_version": self.lowbit_version, "scheme": self.scheme, "quantized": self.quantized,
-                    "masks": self.masks}
+            out = {"quant_method": QUANT_METHOD, "format_version": self.format_version,
+                   "lowbit_version": self.lowbit_version, "scheme": self.scheme, "quantized": self.quantized,
+                   "masks": self.masks}
+            if self.added_biases:
+                out["added_biases"] = self.added_biases
+            return out
 
         def current(self) -> dict[str, Any]:
             """This config at the current folder format (``lowbit.manifest.migrate``)."""
@@ -150,6 +155,7 @@ def _register(auto: Any) -> None:
 
         def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
             from lowbit.errors import LowbitError
+            from lowbit.nn.reference import add_bias
 
             qc = self.quantization_config.current()
             quantized = qc["quantized"]
@@ -158,6 +164,11 @@ def _register(auto: Any) -> None:
                 raise LowbitError(f"this folder quantizes a tied weight ({tied[0]} = {quantized[tied[0]]['same_as']}), "
                                   "which transformers cannot re-tie; load it with lowbit.load(path)")
             modules = dict(model.named_modules())
+            for key in qc.get("added_biases", []):  # biases bias correction added: the checkpoint fills them
+                module_name = key.rpartition(".")[0]
+                if module_name not in modules:
+                    raise LowbitError(f"the checkpoint adds the bias {key}, which {type(model).__name__} does not have")
+                add_bias(modules[module_name], device=torch.device("meta"))  # in the float weight's dtype
             for key, meta in quantized.items():
                 module_name, _, param = key.rpartition(".")
                 module = modules.get(module_name)
