@@ -233,3 +233,8 @@ def test_kill_9_then_resume_gives_identical_bytes(run, tiny_llama_dir, tmp_path)
     resumed = run("quantize", str(tiny_llama_dir), "--out", str(out), *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed at block" in resumed.stdout and files(out) == files(tmp_path / "ref")
+
+
+def test_calibration_data_without_the_data_mode_is_refused_with_a_hint():
+    with pytest.raises(LowbitError, match="takes no calibration data; drop calib, or use nupes with --mode data, which takes it"):
+        lowbit.quantize(tiny_llama(), "pow3_a0.5:channel", method="nupes", calib=batches(1)[0], progress=False)
