@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from lowbit.modifiers import make
 from lowbit.modifiers.nupes import PowerLinear
 from lowbit.nn.reference import attach, quantized_tensors
 from lowbit.qat.fakequant import initial_qparams
+from lowbit.quantizer import pack_matrix
 from lowbit.schemes import parse_scheme, parse_tensor_scheme
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
@@ -88,13 +90,11 @@ def test_rounding_matches_a_slow_reference_and_what_is_stored():
     codes = power_codes(W, spec, S, float(a), v)
     assert torch.equal(codes, ref_codes) and torch.allclose(got, ref, atol=1e-6, rtol=0)
     assert (codes.int() - power_codes(W, spec, S, float(a)).int()).abs().max() >= 2  # moved over two levels
-    from lowbit.quantizer import pack_matrix
     stored = pack_matrix(replace_a(spec, float(a)), (6, 40), "rows", codes, S, None, None)
     assert torch.equal(stored.dequantize(), got)  # what is stored is what was trained
 
 
 def replace_a(spec, a):
-    from dataclasses import replace
     return replace(spec, format=PowerFormat(spec.format.bits, a))
 
 
@@ -236,5 +236,6 @@ def test_kill_9_then_resume_gives_identical_bytes(run, tiny_llama_dir, tmp_path)
 
 
 def test_calibration_data_without_the_data_mode_is_refused_with_a_hint():
-    with pytest.raises(LowbitError, match="takes no calibration data; drop calib, or use nupes with --mode data, which takes it"):
+    message = "takes no calibration data; drop calib, or use nupes with --mode data, which takes it"
+    with pytest.raises(LowbitError, match=message):
         lowbit.quantize(tiny_llama(), "pow3_a0.5:channel", method="nupes", calib=batches(1)[0], progress=False)
