@@ -239,3 +239,21 @@ def test_calibration_data_without_the_data_mode_is_refused_with_a_hint():
     message = "takes no calibration data; drop calib, or use nupes with --mode data, which takes it"
     with pytest.raises(LowbitError, match=message):
         lowbit.quantize(tiny_llama(), "pow3_a0.5:channel", method="nupes", calib=batches(1)[0], progress=False)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mixtral"])
+def test_untrained_is_the_data_free_result_on_conv1d_and_fused_experts(family, single_thread):
+    """GPT-2's Conv1D (in, out) layout is trained like a Linear; Mixtral's fused experts cannot be
+    wrapped and keep the data-free solution (their searched exponent), reported as fallbacks."""
+    def build():
+        torch.manual_seed(0)
+        return getattr(families, family)().eval()
+
+    scheme = parse_tensor_scheme("pow3_a0.5:channel")
+    model = build()
+    report = calibrate(model, default_plan(model, scheme), make("nupes", mode="data", steps=0), batches(2),
+                       progress=False)
+    free = lowbit.quantize(build(), default_plan(build(), scheme), method="nupes", progress=False)
+    assert same(tensors(model), tensors(free))
+    rounded = [k for b in report.stages[0].blocks for k in b.get("rounded_to_nearest", [])]
+    assert bool(rounded) == (family == "mixtral") and all(".experts." in k for k in rounded)
