@@ -67,7 +67,10 @@ def quantize(model: nn.Module, plan: Plan = "w4g128", method: str | Modifier | R
     rules = make_plan(model, plan)
     if not recipe.needs_data:
         if calib is not None:
-            raise LowbitError(f"method {recipe.name!r} takes no calibration data; drop calib")
+            modes = [f"{s.modifier.name} with {s.modifier.needs_data_when}" for s in recipe.stages
+                     if getattr(s.modifier, "needs_data_when", None)]
+            hint = f", or use {', '.join(modes)}, which takes it" if modes else ""
+            raise LowbitError(f"method {recipe.name!r} takes no calibration data; drop calib{hint}")
         report = run_data_free(model, recipe, plan_recipe(model, recipe, rules), progress=progress)
     else:
         if calib is None:

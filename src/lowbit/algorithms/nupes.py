@@ -6,7 +6,7 @@ the reconstruction error ``||W − D(Q_a(W))||²``; the paper proves it locally 
 unique minimum, so a 1-D golden-section search is enough. The error is measured through the
 public path (``quantize_weight``), i.e. with the scale rounded to its storage dtype exactly
 as it will be saved. NUPES's data-driven mode (learning ``a`` by gradient descent on
-calibration data) is not implemented here.
+calibration data) is in :mod:`lowbit.algorithms.nupes_data`.
 """
 from __future__ import annotations
 
