@@ -75,24 +75,27 @@ def clip_params(spec: QuantSpec, start: Start) -> tuple[Tensor | None, Tensor | 
 
 class _Round(torch.autograd.Function):
     """Forward: the exact reconstruction ``xq`` of ``x̃`` (n_blocks, block_size). Backward: the
-    straight-through gradients of the module docstring for ``x̃``, ``s`` (n_blocks, 1) and ``z``."""
+    straight-through gradients of the module docstring for ``x̃``, ``s`` (n_blocks, 1) and ``z``
+    (n_blocks, 1) or None. ``zf`` is the float zero (n_blocks, 1), or 0: ``x̂`` at scale 0, so that
+    the fixed-code scale derivative outside the range is ``(x̂ − zf)/s``."""
 
     @staticmethod
-    def forward(ctx, xt: Tensor, s: Tensor, z: Tensor | None, xq: Tensor, inside: Tensor, ds_out: Tensor,
-                dz_out: Tensor | None) -> Tensor:
-        safe = torch.where(s > 0, s, torch.ones_like(s))
-        ds = torch.where(inside, (xq - xt) / safe, ds_out)  # (n_blocks, block_size)
-        ctx.save_for_backward(inside, ds, dz_out if dz_out is not None else inside)
-        ctx.has_zero = dz_out is not None
+    def forward(ctx, xt: Tensor, s: Tensor, z: Tensor | None, xq: Tensor, inside: Tensor, zf: Tensor | float,
+                zero_kind: str | None) -> Tensor:
+        ctx.save_for_backward(xt, s, xq, inside)
+        ctx.zf, ctx.zero_kind = zf, (zero_kind if z is not None else None)
         return xq
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        inside, ds, dz_out = ctx.saved_tensors
-        gx = torch.where(inside, grad, torch.zeros_like(grad))
-        gs = (grad * ds).sum(dim=1, keepdim=True)
-        gz = torch.where(inside, torch.zeros_like(grad), grad * dz_out).sum(dim=1, keepdim=True) \
-            if ctx.has_zero else None
+        xt, s, xq, inside = ctx.saved_tensors
+        gx = grad * inside
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        gs = (grad * (xq - torch.where(inside, xt, ctx.zf))).sum(dim=1, keepdim=True) / safe
+        gz = None
+        if ctx.zero_kind is not None:  # only clamped weights move with the zero
+            outside = (grad - gx).sum(dim=1, keepdim=True)
+            gz = outside if ctx.zero_kind == "float" else -s * outside
         return gx, gs, gz, None, None, None, None
 
 
@@ -143,12 +146,8 @@ def _round_region(x: Tensor, spec: QuantSpec, region: Region, start: Start, v: T
     lo_code, hi_code, _ = level_codes(fmt)
     ends = fmt.dequantize(torch.tensor([[lo_code, hi_code]], dtype=torch.uint8).expand(xq.shape[0], 2), qp)
     inside = (xt.detach() >= ends.amin(dim=1, keepdim=True)) & (xt.detach() <= ends.amax(dim=1, keepdim=True))
-    unit = QParams(torch.ones_like(qp.scale), qp.zero, g)
-    ds_out = fmt.dequantize(codes, unit) - fmt.dequantize(codes, QParams(torch.zeros_like(qp.scale), qp.zero, g))
-    dz_out = None
-    if z is not None:
-        dz_out = torch.ones_like(xq) if fmt.zero_kind == "float" else -qp.scale.expand_as(xq)
-    out = _Round.apply(xt, s, z, xq, inside, ds_out, dz_out)
+    zf = qp.zero if fmt.zero_kind == "float" else 0.0
+    out = _Round.apply(xt, s, z, xq, inside, zf, fmt.zero_kind)
     return out, qp.scale, qp.zero, codes
 
 
