@@ -184,7 +184,7 @@ class AdaRound(Modifier):
             if self.steps and self.scope == "layer":
                 info["layer_losses"] = self._train_layers(block, wrapped, data)
             elif self.steps:
-                self._train_block(block, wrapped, data)
+                info.update(self._train_block(block, wrapped, data) or {})
             _set_mode(wrapped, "hard")
             after = block_loss(block, data)
             learned = after < before
