@@ -11,7 +11,8 @@ variables)::
                  + β · ReLU(τ − ‖T(x) − x‖² / ‖x‖²)                      (T must change x)
                  + γ · PKT(fp_block(mix(T(x))), fp_block(mix(x)))        (and keep its structure)
 
-and θ moves by Adam on ∇_θ outer, clipped to norm 0.1.
+and θ moves by Adam on ∇_θ outer, clipped to norm 0.1. The losses are float32 (float64 inputs
+stay float64).
 
 Choices of ours, where the paper (an image UNet, `higher`'s Adam) does not carry over:
 
@@ -56,9 +57,9 @@ def init_transform(dim: int, width: int, generator: torch.Generator) -> list[Ten
 
 def transform(x: Tensor, theta: list[Tensor]) -> Tensor:
     """T(x) = x + relu(x·W1ᵀ + b1)·W2ᵀ + b2 on the last axis of ``x`` (..., dim); computed in
-    float32 and returned in ``x``'s dtype."""
+    the parameters' dtype (float32 from ``init_transform``) and returned in ``x``'s dtype."""
     W1, b1, W2, b2 = theta
-    h = x.float()
+    h = x.to(W1.dtype)
     return (h + F.linear(F.relu(F.linear(h, W1, b1)), W2, b2)).to(x.dtype)
 
 
@@ -70,6 +71,11 @@ def unrolled_step(inner: Tensor, V: list[Tensor], lr: float) -> tuple[list[Tenso
     """
     grads = torch.autograd.grad(inner, V, create_graph=True)
     return [v - lr * g / _rms(g) for v, g in zip(V, grads)], list(grads)
+
+
+def _wide(t: Tensor) -> Tensor:
+    """``t`` in float32, or float64 if it is float64 already (the tests' finite differences)."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def _rms(g: Tensor) -> Tensor:
@@ -90,8 +96,8 @@ def meta_gradient(inner: Callable[[list[Tensor]], Tensor], outer: Callable[[list
 
 def relative_change(augmented: Tensor, x: Tensor) -> Tensor:
     """mean((T(x) − x)²) / mean(x²), the denominator detached: () float32."""
-    x = x.float()
-    return (augmented.float() - x).pow(2).mean() / x.pow(2).mean().detach().clamp(min=1e-12)
+    x = _wide(x)
+    return (_wide(augmented) - x).pow(2).mean() / x.pow(2).mean().detach().clamp(min=1e-12)
 
 
 def margin_penalty(augmented: Tensor, x: Tensor, tau: float) -> Tensor:
@@ -105,8 +111,8 @@ def margin_penalty(augmented: Tensor, x: Tensor, tau: float) -> Tensor:
 
 def kl_distance(out: Tensor, target: Tensor, temperature: float = TEMPERATURE) -> Tensor:
     """KL(softmax(target/t) ‖ softmax(out/t)) over the last axis, mean over rows: () float32."""
-    log_q = F.log_softmax(out.float().reshape(-1, out.shape[-1]) / temperature, dim=-1)
-    log_p = F.log_softmax(target.float().reshape(-1, target.shape[-1]) / temperature, dim=-1)
+    log_q = F.log_softmax(_wide(out).reshape(-1, out.shape[-1]) / temperature, dim=-1)
+    log_p = F.log_softmax(_wide(target).reshape(-1, target.shape[-1]) / temperature, dim=-1)
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
 
 
@@ -131,7 +137,7 @@ def pkt(student: Tensor, teacher: Tensor, eps: float = 1e-7) -> Tensor:
     (i, j) of p_t·log(p_t / p_s), a () float32 tensor.
     """
     def distribution(f: Tensor) -> Tensor:
-        f = f.float().reshape(-1, f.shape[-1])
+        f = _wide(f).reshape(-1, f.shape[-1])
         f = f[:: max(1, -(-f.shape[0] // PKT_ROWS))]  # (N, d), N <= PKT_ROWS
         f = f / (f.norm(dim=1, keepdim=True) + eps)
         s = (f @ f.T + 1.0) / 2.0  # (N, N) in [0, 1]
