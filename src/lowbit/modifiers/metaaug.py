@@ -101,7 +101,8 @@ class MetaAug(AdaRound):
         for name in ("outer_weight", "margin_weight", "pkt_weight", "margin"):
             _positive(name, getattr(self, name))
         if self.outer not in ("mse", "kl"):
-            raise LowbitError(f"metaaug outer {self.outer!r} is not allowed; use 'mse' (hidden states) or 'kl' (logits)")
+            raise LowbitError(f"metaaug outer {self.outer!r} is not allowed; "
+                              "use 'mse' (hidden states) or 'kl' (logits)")
         if self.scope != "block":
             raise LowbitError(f"metaaug scope {self.scope!r} is not allowed: it reconstructs whole blocks; use 'block'")
 
