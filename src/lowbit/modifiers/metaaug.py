@@ -18,7 +18,9 @@ Per block, in two phases:
 
 The learned rounding is kept only if its block-output error on the original calibration data is
 below round-to-nearest's (``adaround``'s guard). With ``meta_steps`` 0 the run is ``adaround``'s
-bit for bit. T is a fresh network per block (the paper shares one UNet across blocks); each block
+bit for bit. The block report adds ``meta_steps``, ``meta_loss`` (the outer loss at the first
+and last meta step) and ``augment_change`` (T's relative mean-square change of the block's
+inputs, averaged over the batches). T is a fresh network per block (the paper shares one UNet across blocks); each block
 resumes on its own.
 
 Why a method and not ``adaround --augment meta``: MetaAug brings eight options of its own that
@@ -107,7 +109,8 @@ class MetaAug(AdaRound):
             raise LowbitError(f"metaaug scope {self.scope!r} is not allowed: it reconstructs whole blocks; use 'block'")
 
     def _train_block(self, block: nn.Module, wrapped: list[Wrapped], data: BlockData) -> dict[str, Any]:
-        """Learn T, then ``steps`` AdaRound steps over the original and augmented batches."""
+        """Learn T, then ``steps`` AdaRound steps over the original and augmented batches; returns
+        the meta numbers of the block report."""
         layers = [w.layer for w in wrapped]
         V = [layer.V for layer in layers]
         n = len(data.calls)
@@ -153,9 +156,10 @@ class MetaAug(AdaRound):
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(float(loss))
         theta = [t.detach() for t in theta]
+        n = len(data.q_in)
         with torch.no_grad():
-            changes = [float(relative_change(transform(x, theta), x)) for x in data.q_in]
-        info.update(meta_loss=[losses[0], losses[-1]], augment_change=sum(changes) / len(changes))
+            change = sum(float(relative_change(transform(data.q_in[j], theta), data.q_in[j])) for j in range(n)) / n
+        info.update(meta_loss=[losses[0], losses[-1]], augment_change=change)
         return theta
 
     def _losses(self, block: nn.Module, runner: _Runner, wrapped: list[Wrapped], names: list[str], data: BlockData,
