@@ -21,6 +21,7 @@ REGISTRY: dict[str, str] = {
     "random": "lowbit.modifiers.random_pruning:RandomPruning",
     "lsq": "lowbit.modifiers.lsq:LSQ",
     "adaround": "lowbit.modifiers.adaround:AdaRound",
+    "metaaug": "lowbit.modifiers.metaaug:MetaAug",
     "bias-correction": "lowbit.modifiers.bias_correction:BiasCorrection",
     "smoothquant": "lowbit.modifiers.smoothquant:SmoothQuant",
     "signround": "lowbit.modifiers.signround:SignRound",

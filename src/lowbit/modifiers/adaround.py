@@ -159,7 +159,7 @@ class AdaRound(Modifier):
         """Refuse, at planning, a format without an up/down rounding step (binary)."""
         fmt = scheme.weight.format
         if fmt.family in _REFUSED:
-            raise LowbitError(f"method adaround cannot round {fmt.name}: {_REFUSED[fmt.family]}; quantize these "
+            raise LowbitError(f"method {self.name} cannot round {fmt.name}: {_REFUSED[fmt.family]}; quantize these "
                               "layers with rtn (a recipe stage with targets) or choose a format with 2 bits or more")
 
     def solve_block(self, block: nn.Module, data: BlockData) -> dict[str, Any] | None:
@@ -171,8 +171,9 @@ class AdaRound(Modifier):
         "start"); with ``scope`` "layer", the layer losses before and after too.
         """
         if data.fp_out is None:
-            raise LowbitError("adaround needs the float block's outputs; run it through lowbit.engine.runner.calibrate")
-        wrapped, rounded = wrap(block, data.layers, _make, "adaround")
+            raise LowbitError(f"{self.name} needs the float block's outputs; "
+                              "run it through lowbit.engine.runner.calibrate")
+        wrapped, rounded = wrap(block, data.layers, _make, self.name)
         info: dict[str, Any] = {"layers": [w.key for w in wrapped]}
         if rounded:
             info["rounded_to_nearest"] = rounded
@@ -184,7 +185,7 @@ class AdaRound(Modifier):
             if self.steps and self.scope == "layer":
                 info["layer_losses"] = self._train_layers(block, wrapped, data)
             elif self.steps:
-                self._train_block(block, wrapped, data)
+                info.update(self._train_block(block, wrapped, data) or {})
             _set_mode(wrapped, "hard")
             after = block_loss(block, data)
             learned = after < before
