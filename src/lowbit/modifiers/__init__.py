@@ -21,6 +21,7 @@ REGISTRY: dict[str, str] = {
     "random": "lowbit.modifiers.random_pruning:RandomPruning",
     "lsq": "lowbit.modifiers.lsq:LSQ",
     "smoothquant": "lowbit.modifiers.smoothquant:SmoothQuant",
+    "lorc": "lowbit.modifiers.lorc:LoRC",
 }
 
 
