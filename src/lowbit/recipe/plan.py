@@ -60,8 +60,8 @@ def plan_recipe(model: nn.Module, recipe: Recipe, rules: list[Rule], batches: li
             _check_untied(model, pairs, where)
         out.append(pairs)
     _leave_weight_to_later(recipe, out)
-    _check_produced(recipe, out)
     _check_refined(recipe, out)
+    _check_produced(recipe, out)
     return [stage.modifier.allocate(model, pairs, batches, progress) for stage, pairs in zip(recipe.stages, out)]
 
 
