@@ -4,6 +4,7 @@ accounting, refusals, and the method after rtn, hqq, nupes and gptq on a tiny Ll
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +211,53 @@ def test_a_recipe_stage_with_targets():
     ranks = {k: qt.rank for k, qt in by_key(model).items()}
     assert ranks["model.layers.1.mlp.down_proj.weight"] == 2 and ranks["model.layers.1.mlp.up_proj.weight"] == 0
     assert sum(ranks.values()) == 4
+
+
+def test_tied_weights_stay_tied_and_share_one_correction():
+    from lowbit.nn.reference import qtensors
+    from lowbit.scheme import Rule
+    from lowbit.schemes import parse_scheme
+
+    model = tiny_llama()
+    W = model.lm_head.weight.detach().clone()
+    lowbit.quantize(model, [Rule(r"lm_head$|embed_tokens$", parse_scheme("int4:g32"))], "rtn+lorc", rank=4,
+                    progress=False)
+    head, emb = qtensors(model.lm_head)["weight"], qtensors(model.model.embed_tokens)["weight"]
+    assert head is emb and head.rank == 4 and model.lm_head.weight is model.model.embed_tokens.weight
+    plain = replace(head, lowrank_a=None, lowrank_b=None)
+    assert float(torch.linalg.norm(W - head.dequantize())) < float(torch.linalg.norm(W - plain.dequantize()))
+
+
+def test_gptq_lorc_resumes_from_its_checkpoint_to_the_same_tensors(tmp_path, monkeypatch):
+    """Killed after block 0, resumed: block 0's factors (int8, scales in the metadata) come back
+    from the checkpoint and the result equals an uninterrupted run."""
+    from lowbit.engine import checkpoint
+    from lowbit.engine.runner import calibrate
+    from lowbit.models.targets import default_plan
+    from lowbit.schemes import parse_tensor_scheme
+
+    scheme, batches = parse_tensor_scheme("int3:g32"), list(windows().split(4))
+    recipe = Recipe((Stage(make("gptq")), Stage(make("lorc", rank=4, dtype="int8"))))
+    ref = tiny_llama()
+    calibrate(ref, default_plan(ref, scheme), recipe, batches, progress=False)
+    done = checkpoint.RunDir.mark_done
+
+    def stop_after_first(self, block):
+        done(self, block)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.RunDir, "mark_done", stop_after_first)
+    model = tiny_llama()
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(model, default_plan(model, scheme), recipe, batches, workdir=tmp_path / "run", fingerprint="f",
+                  progress=False)
+    monkeypatch.setattr(checkpoint.RunDir, "mark_done", done)
+    model = tiny_llama()
+    report = calibrate(model, default_plan(model, scheme), recipe, batches, workdir=tmp_path / "run",
+                       fingerprint="f", resume=True, progress=False)
+    assert report.resumed_from == 1
+    want, got = by_key(ref), by_key(model)
+    assert want.keys() == got.keys() and len(want) == 14
+    for k, qt in want.items():
+        assert got[k].rank == 4 and torch.equal(got[k].lowrank_scale, qt.lowrank_scale), k
+        assert all(torch.equal(v, got[k].to_tensors()[r]) for r, v in qt.to_tensors().items()), k
