@@ -108,11 +108,13 @@ class QuantizedTensor:
     global_scale  () float32 or None                    (1,) float32
     mask          bool, the weight's ``shape``, or      1 bit per weight, packed; True keeps
                   None (a pruned weight)                the weight, dequantize zeroes the rest
-    lowrank_a     (rows, r) float or None               as is (its own dtype); dequantize adds
-    lowrank_b     (r, cols) float or None               ``A @ B`` to the matrix view
+    lowrank_a     (rows, r) float or int8, or None      as is (its own dtype); dequantize adds
+    lowrank_b     (r, cols) float or int8, or None      ``A @ B`` to the matrix view
     input_scale   () float32 or None                    (1,) float32: the static scale of ``input``
     ============  ====================================  ==========================================
 
+    lowrank_scale: (r,) float32 with int8 factors (and only with them): the term is
+    ``A @ diag(lowrank_scale) @ B``; kept in the metadata (``lowrank.scale``), 32 bits each.
     input: the ``ActSpec`` of the layer's input activations (kept in the metadata), or None.
     shape: the original weight shape; ``layout`` says how it maps to the matrix view.
     """
@@ -127,6 +129,7 @@ class QuantizedTensor:
     mask: Tensor | None = None
     lowrank_a: Tensor | None = None
     lowrank_b: Tensor | None = None
+    lowrank_scale: Tensor | None = None
     input: ActSpec | None = None
     input_scale: Tensor | None = None
 
@@ -142,6 +145,12 @@ class QuantizedTensor:
                               or a.shape[1] != b.shape[0]):
             raise LowbitError(f"low-rank factors {tuple(a.shape)} @ {tuple(b.shape)} do not make the "
                               f"{rows}x{cols} matrix view; use (rows, r) and (r, cols)")
+        integer = a is not None and not a.is_floating_point()
+        if integer != (self.lowrank_scale is not None) or (integer and (
+                a.dtype != torch.int8 or b.dtype != torch.int8 or tuple(self.lowrank_scale.shape) != (a.shape[1],))):
+            raise LowbitError("int8 low-rank factors need a lowrank_scale of shape (r,), and only they take one; "
+                              f"got factors {None if a is None else a.dtype} and scale "
+                              f"{None if self.lowrank_scale is None else tuple(self.lowrank_scale.shape)}")
         static = self.input is not None and not self.input.dynamic
         if static != (self.input_scale is not None):
             raise LowbitError("an input_scale goes with a static input spec (and only with it)")
@@ -174,8 +183,15 @@ class QuantizedTensor:
         if self.mask is not None:
             out = out.masked_fill_(~matrix_view(self.mask, self.layout).to(out.device), 0)
         if self.lowrank_a is not None:
-            out += self.lowrank_a.to(torch.float32) @ self.lowrank_b.to(torch.float32)
+            out += self.lowrank_term().to(out.device)
         return from_matrix(out, self.shape, self.layout).to(dtype)
+
+    def lowrank_term(self) -> Tensor:
+        """(rows, cols) float32 ``A @ B`` (``A @ diag(lowrank_scale) @ B`` for int8 factors)."""
+        a = self.lowrank_a.to(torch.float32)
+        if self.lowrank_scale is not None:
+            a = a * self.lowrank_scale.to(a.device, torch.float32)
+        return a @ self.lowrank_b.to(torch.float32).to(a.device)
 
     def dequantize_codes(self) -> Tensor:
         """(rows, cols) float32: codes times scales only (no mask, no low-rank term)."""
@@ -192,8 +208,9 @@ class QuantizedTensor:
 
     # --- accounting ----------------------------------------------------------------------
     def nbits(self) -> int:
-        """Exact storage in bits of every stored role."""
-        return sum(_bits(t) for t in self._stored().values()) - self._pad_bits()
+        """Exact storage in bits of every stored role (and of the int8 factors' scales in the metadata)."""
+        meta_bits = 0 if self.lowrank_scale is None else 32 * self.lowrank_scale.numel()
+        return sum(_bits(t) for t in self._stored().values()) - self._pad_bits() + meta_bits
 
     def _pad_bits(self) -> int:
         """Bits of byte padding in packed codes, zeros and mask (not information)."""
@@ -243,6 +260,8 @@ class QuantizedTensor:
             out["roles"] = extra
         if self.lowrank_a is not None:
             out["lowrank"] = {"rank": self.rank, "dtype": str(self.lowrank_a.dtype).removeprefix("torch.")}
+            if self.lowrank_scale is not None:  # float32 values, exact as JSON doubles
+                out["lowrank"]["scale"] = [float(v) for v in self.lowrank_scale.to(torch.float32).cpu()]
         if self.input is not None:
             out["input"] = self.input.to_dict()
         if self.mask is not None:
@@ -282,10 +301,15 @@ class QuantizedTensor:
             global_scale=None if gs is None else gs.reshape(()).to(torch.float32),
             mask=mask,
             lowrank_a=tensors.get("lowrank_a"), lowrank_b=tensors.get("lowrank_b"),
+            lowrank_scale=_lowrank_scale(meta),
             input=None if meta.get("input") is None else ActSpec.from_dict(meta["input"]),
             input_scale=None if iscale is None else iscale.reshape(()).to(torch.float32),
         )
 
+
+def _lowrank_scale(meta: dict) -> Tensor | None:
+    scale = meta.get("lowrank", {}).get("scale")
+    return None if scale is None else torch.tensor(scale, dtype=torch.float32)
 
 
 def _scatter_kept(packed: Tensor, keep: Tensor, fmt) -> Tensor:

@@ -7,22 +7,27 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.memory import HeapTrimmer, trim_heap
-from lowbit.nn.reference import attach
+from lowbit.nn.reference import attach, qtensors
 from lowbit.engine.report import RunReport, StageReport
 from lowbit.errors import LowbitError
 from lowbit.qtensor import matrix_view
 from lowbit.quantizer import check_weight
-from lowbit.engine.solve import solve_target
-from lowbit.recipe.plan import Pairs
+from lowbit.engine.solve import refine_target, solve_target
+from lowbit.recipe.plan import Pairs, refined_keys
 from lowbit.recipe.recipe import Recipe
 
 
-def run_data_free(model: nn.Module, recipe: Recipe, per_stage: list[Pairs], progress: bool = True) -> RunReport:
+def run_data_free(model: nn.Module, recipe: Recipe, per_stage: list[Pairs], progress: bool = True,
+                  keep: frozenset[str] | None = None) -> RunReport:
     """Apply each stage of ``recipe`` to its (target, scheme) pairs, in order; returns the report.
 
-    Tied weights (lm_head = embeddings) are solved once and stay tied.
+    Tied weights (lm_head = embeddings) are solved once and stay tied. ``keep``: keys whose float
+    weight a later refining stage needs (default: those of ``recipe``'s own refining stages).
     """
-    check_pairs(model, [p for pairs in per_stage for p in pairs])  # refuse bad input before any change
+    if keep is None:
+        keep = refined_keys(recipe, per_stage)
+    if not recipe.stages[0].modifier.refines:  # a refining stage run alone acts on quantized tensors
+        check_pairs(model, [p for pairs in per_stage for p in pairs])  # refuse bad input before any change
     report = RunReport()
     trimmer = HeapTrimmer()
     t_run = time.perf_counter()
@@ -33,6 +38,10 @@ def run_data_free(model: nn.Module, recipe: Recipe, per_stage: list[Pairs], prog
         t0 = time.perf_counter()
         m.prepare(model)
         modules = dict(model.named_modules())
+        if m.refines:
+            sr.done += _refine_all(model, m, pairs, modules, report, progress)
+            sr.seconds = time.perf_counter() - t0
+            continue
         owners = _owners(model)
         for target, scheme in tqdm(pairs, desc=f"{m.name}", unit="tensor", disable=not progress):
             module = modules[target.module_name]
@@ -41,7 +50,7 @@ def run_data_free(model: nn.Module, recipe: Recipe, per_stage: list[Pairs], prog
                 sr.done += 1  # a tied twin of a tensor solved earlier in this loop
                 continue
             twins = [o for o in owners.get(id(w), []) if o != (module, target.param)]
-            solved = solve_target(m, target, module, scheme, None, report)
+            solved = solve_target(m, target, module, scheme, None, report, target.key in keep)
             if solved is None:
                 continue
             sr.done += 1
@@ -54,6 +63,27 @@ def run_data_free(model: nn.Module, recipe: Recipe, per_stage: list[Pairs], prog
     trim_heap()
     report.seconds = time.perf_counter() - t_run
     return report
+
+
+def _refine_all(model: nn.Module, m, pairs: Pairs, modules: dict, report: RunReport, progress: bool) -> int:
+    """A refining stage (LoRC) over its pairs; tied twins get the refined tensor too. Returns the count."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for pname, qt in qtensors(module).items():
+            holders.setdefault(id(qt), []).append((module, pname))
+    done = 0
+    for target, scheme in tqdm(pairs, desc=f"{m.name}", unit="tensor", disable=not progress):
+        module = modules[target.module_name]
+        old = qtensors(module).get(target.param)
+        solved = refine_target(m, target, module, scheme, report)
+        done += 1
+        if solved is None:
+            continue
+        weight = getattr(module, target.param)
+        for owner, pname in holders.get(id(old), []):
+            if (owner, pname) != (module, target.param):
+                attach(owner, pname, solved.qtensor, solved.dtype, weight)
+    return done
 
 
 def check_pairs(model: nn.Module, pairs: Pairs) -> None:

@@ -32,12 +32,12 @@ from lowbit.engine.dataless import check_pairs, run_data_free
 from lowbit.engine.observe import ObservedAll, eager_experts, observe, stop_early
 from lowbit.engine.report import RunReport, StageReport
 from lowbit.engine.restore import block_payload, restore_block, restore_report
-from lowbit.engine.solve import solve_target
+from lowbit.engine.solve import refine_target, solve_target
 from lowbit.memory import trim_heap
 from lowbit.models.blocks import check_uniform_layers, find_blocks
 from lowbit.modifiers import make
 from lowbit.modifiers.base import BlockData, Modifier
-from lowbit.recipe.plan import Pairs, plan_recipe
+from lowbit.recipe.plan import Pairs, plan_recipe, refined_keys
 from lowbit.recipe.recipe import Recipe, Stage
 from lowbit.scheme import Rule
 
@@ -70,7 +70,8 @@ def calibrate(model: nn.Module, plan: list[Rule], method: Recipe | Modifier | st
     report = RunReport(blocks=len(blocks), stages=[StageReport(s.modifier.name, s.modifier.options(), len(p))
                                                    for s, p in zip(recipe.stages, per_stage)])
     split = [_split(pairs, prefix if found else None, len(blocks)) for pairs in per_stage]
-    _solve_outside(model, recipe, [s.pop(-1) for s in split], report)
+    keep = refined_keys(recipe, per_stage)
+    _solve_outside(model, recipe, [s.pop(-1) for s in split], report, keep)
     run = RunDir(workdir, fingerprint, resume, batch=len(batches[0]) if batches else None) \
         if workdir is not None else None
     start = run.done if run else 0
@@ -97,8 +98,9 @@ def calibrate(model: nn.Module, plan: list[Rule], method: Recipe | Modifier | st
                 data = BlockData(calls, q_in, fp_in, fp_out, fp_weights=fp_weights) \
                     if stage.modifier.has_block_solve else None
                 done = _run_stage(model, blocks[i], stage, report.stages[k], parts.get(i, []), calls, q_in, data,
-                                  report)
-                counts.append(len(done) if stage.modifier.has_layer_solve else len(parts.get(i, [])))
+                                  report, keep)
+                layered = stage.modifier.has_layer_solve or stage.modifier.refines
+                counts.append(len(done) if layered else len(parts.get(i, [])))
             old = q_in
             q_in = _propagate(blocks[i], calls, q_in, _gen(run, i, "q", act_budget))
             for gen in {id(g): g for g in (old, fp_in) if g is not None}.values():
@@ -115,11 +117,18 @@ def calibrate(model: nn.Module, plan: list[Rule], method: Recipe | Modifier | st
 
 
 def _run_stage(model: nn.Module, block: nn.Module, stage: Stage, sr: StageReport, pairs: Pairs, calls: list,
-               q_in: Generation, data: BlockData | None, report: RunReport) -> list:
-    """One stage on one block: block solve, statistics pass, layer solves; returns what it solved."""
+               q_in: Generation, data: BlockData | None, report: RunReport, keep: frozenset[str] = frozenset()) -> list:
+    """One stage on one block: block solve, statistics pass, layer solves (or refinements of what an
+    earlier stage quantized); returns what it solved. ``keep``: keys whose float weight a later
+    stage refines."""
     m = stage.modifier
     t0 = time.perf_counter()
     modules = dict(model.named_modules())
+    if m.refines:
+        solved = [s for t, sc in pairs if (s := refine_target(m, t, modules[t.module_name], sc, report)) is not None]
+        sr.done += len(solved)
+        sr.seconds += time.perf_counter() - t0
+        return solved
     if data is not None:
         data.layers = [(t.key, modules[t.module_name], t.param, s) for t, s in pairs]
         info = m.solve_block(block, data) or {}
@@ -134,9 +143,10 @@ def _run_stage(model: nn.Module, block: nn.Module, stage: Stage, sr: StageReport
             if seen is not None:
                 stats = seen.experts.get(target.key, {}) if target.kind == "experts" else seen.layers.get(target.key)
                 if stats is None:
-                    _fallback(model, target, scheme, report, f"no calibration inputs ({target.kind})")
+                    _fallback(model, target, scheme, report, f"no calibration inputs ({target.kind})",
+                              target.key in keep)
                     continue
-            s = solve_target(m, target, modules[target.module_name], scheme, stats, report)
+            s = solve_target(m, target, modules[target.module_name], scheme, stats, report, target.key in keep)
             if s is not None:
                 solved.append(s)
                 sr.done += 1
@@ -195,27 +205,29 @@ def _last_use(seen: Any, pairs: Pairs, key: str) -> bool:
     return bool(last) and last[-1] == key
 
 
-def _fallback(model: nn.Module, target: Any, scheme: Any, report: RunReport, why: str) -> None:
-    """Round a tensor the method cannot solve to nearest (weight specs) and say so."""
+def _fallback(model: nn.Module, target: Any, scheme: Any, report: RunReport, why: str, keep: bool = False) -> None:
+    """Round a tensor the method cannot solve to nearest (weight specs) and say so; ``keep``: keep
+    its float weight for a later refining stage."""
     if scheme.weight is None:
         report.fallbacks.append(f"{target.key}: {why}, left as it is")
         return
     modules = dict(model.named_modules())
-    solve_target(make("rtn"), target, modules[target.module_name], scheme, None, report)
+    solve_target(make("rtn"), target, modules[target.module_name], scheme, None, report, keep)
     report.fallbacks.append(f"{target.key}: {why}, rounded to nearest")
 
 
-def _solve_outside(model: nn.Module, recipe: Recipe, outside: list[Pairs], report: RunReport) -> None:
+def _solve_outside(model: nn.Module, recipe: Recipe, outside: list[Pairs], report: RunReport,
+                   keep: frozenset[str] = frozenset()) -> None:
     """Tensors outside the blocks: data-free stages solve them; data stages round them to nearest."""
     for stage, pairs in zip(recipe.stages, outside):
         if not pairs:
             continue
         if not stage.modifier.needs_data:
-            sub = run_data_free(model, Recipe((stage,)), [pairs], progress=False)
+            sub = run_data_free(model, Recipe((stage,)), [pairs], progress=False, keep=keep)
             report.layers += sub.layers
             continue
         for target, scheme in pairs:
-            _fallback(model, target, scheme, report, "outside the repeated blocks")
+            _fallback(model, target, scheme, report, "outside the repeated blocks", target.key in keep)
 
 
 def _split(pairs: Pairs, prefix: str | None, n: int) -> dict[int, Pairs]:

@@ -4,6 +4,10 @@
 (per expert for fused MoE tensors, each with its own statistics), and ``apply_result`` writes
 what came back: a quantized weight is packed into a ``QuantizedTensor`` and attached (the
 module then computes with its dequantized copy), a float weight is written in place.
+
+``refine_target`` serves the methods that change a weight an earlier stage quantized (``refines``,
+LoRC): ``solve_target(..., keep=True)`` keeps the float matrix view beside the quantized tensor,
+and ``refine_target`` hands both to ``refine_layer`` and attaches what comes back.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from torch import Tensor, nn
 from lowbit.errors import LowbitError
 from lowbit.models.targets import Target
 from lowbit.modifiers.base import LayerResult, Modifier
-from lowbit.nn.reference import attach, attach_mask, float_masks
+from lowbit.nn.reference import attach, attach_mask, float_masks, keep_float, pop_float, qtensors
 from lowbit.qtensor import QuantizedTensor, from_matrix, matrix_view
 from lowbit.quantizer import check_weight, pack_matrix, quantize_matrix
 from lowbit.scheme import TensorScheme
@@ -34,10 +38,12 @@ class Solved:
 
 
 def solve_target(modifier: Modifier, target: Target, module: nn.Module, scheme: TensorScheme, stats: Any,
-                 report: Any) -> Solved | None:
+                 report: Any, keep: bool = False) -> Solved | None:
     """Solve ``target`` (its weight read from ``module``) and apply the result; None if unchanged.
 
     stats: the layer's accumulator, a dict expert -> accumulator for fused experts, or None.
+    keep:  a later stage refines this tensor: keep its float matrix view (``keep_float``) when it
+           gets quantized.
     """
     w = getattr(module, target.param)
     if isinstance(w, torch.Tensor) and not isinstance(w, nn.Parameter) and target.quantized:
@@ -57,7 +63,33 @@ def solve_target(modifier: Modifier, target: Target, module: nn.Module, scheme: 
                                   "seconds": round(time.perf_counter() - t0, 3)})
     if result is None:
         return None
-    return apply_result(module, target, w, result, scheme)
+    solved = apply_result(module, target, w, result, scheme)
+    if keep and solved.qtensor is not None:
+        keep_float(module, target.param, m)
+    return solved
+
+
+def refine_target(modifier: Modifier, target: Target, module: nn.Module, scheme: TensorScheme,
+                  report: Any) -> Solved | None:
+    """A ``refines`` method on ``target``, which an earlier stage quantized and kept the float
+    weight of; attaches the refined QuantizedTensor. None for a tied twin refined already."""
+    qt = qtensors(module).get(target.param)
+    W = pop_float(module, target.param)
+    if qt is None:
+        raise LowbitError(f"{target.key} is not quantized; method {modifier.name} corrects a weight an earlier "
+                          f"stage quantized, so put a quantizing method first (e.g. rtn+{modifier.name})")
+    if W is None:
+        if qt.rank:
+            return None  # the tied twin of a tensor refined earlier in this stage
+        raise LowbitError(f"{target.key}: its float weight was not kept for method {modifier.name}; run the "
+                          "quantizing method and it in one recipe (e.g. gptq+lorc)")
+    t0 = time.perf_counter()
+    dtype = getattr(module, target.param).dtype
+    new = modifier.refine_layer(W.to(torch.float32), qt, scheme, target.key)
+    report.layers.append({"key": target.key, "method": modifier.name, "rank": new.rank,
+                          "seconds": round(time.perf_counter() - t0, 3)})
+    attach(module, target.param, new, dtype)
+    return Solved(target, new, dtype)
 
 
 def apply_result(module: nn.Module, target: Target, w: Tensor, result: LayerResult,

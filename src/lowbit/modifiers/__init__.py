@@ -25,6 +25,7 @@ REGISTRY: dict[str, str] = {
     "bias-correction": "lowbit.modifiers.bias_correction:BiasCorrection",
     "smoothquant": "lowbit.modifiers.smoothquant:SmoothQuant",
     "signround": "lowbit.modifiers.signround:SignRound",
+    "lorc": "lowbit.modifiers.lorc:LoRC",
 }
 
 

@@ -17,6 +17,10 @@ hook               when the engine calls it
                    an accumulator with ``update(x)``, x (tokens, in_features)
 ``solve_layer``    per targeted layer: the float32 matrix view W (rows, cols), its
                    statistics (None without data) and its scheme -> ``LayerResult``
+``refine_layer``   (``refines`` methods, instead of ``solve_layer``) per targeted layer
+                   that an earlier stage quantized: the float32 matrix view W it was
+                   quantized from, its ``QuantizedTensor`` and scheme -> the new
+                   ``QuantizedTensor`` (LoRC adds low-rank factors)
 ``solve_block``    per block, with the float block's inputs and outputs and the
                    quantized model's inputs (``BlockData``); changes the block in place
 ``memory``         bytes the method holds for a block (``BlockWork``: its layers'
@@ -134,6 +138,7 @@ class Modifier:
     float_weights: ClassVar[bool] = False
     solves_kinds: ClassVar[frozenset[str] | None] = None
     keeps_mask: ClassVar[bool] = False
+    refines: ClassVar[bool] = False
 
     def check_scheme(self, scheme: TensorScheme) -> None:
         """Raise ``LowbitError`` if this method cannot produce ``scheme``. Default: any scheme."""
@@ -164,6 +169,11 @@ class Modifier:
         the format's own choice for W (``tensor_scale``).
         """
         return None
+
+    def refine_layer(self, W: Tensor, qt: Any, scheme: TensorScheme, key: str) -> Any:
+        """(``refines`` methods) W (rows, cols) float32, the weight an earlier stage quantized to
+        ``qt`` (a ``QuantizedTensor``) -> the ``QuantizedTensor`` to attach instead."""
+        raise LowbitError(f"method {self.name} does not refine quantized weights")
 
     def solve_block(self, block: nn.Module, data: BlockData) -> dict[str, Any] | None:
         """Change ``block`` in place; returns report numbers or None. Default: nothing.

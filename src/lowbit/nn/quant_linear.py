@@ -18,7 +18,8 @@ Extra roles of the weight (``lowbit.qtensor``):
 
 * ``input``/``input_scale``: the input is fake-quantized first (``lowbit.nn.activation``), as on
   the reference path;
-* ``lowrank_a``/``lowrank_b``: a float32 side path adds ``(x @ Bᵀ) @ Aᵀ``;
+* ``lowrank_a``/``lowrank_b``: a float32 side path adds ``(x @ Bᵀ) @ Aᵀ`` (with int8 factors,
+  ``((x @ Bᵀ) · lowrank_scale) @ Aᵀ``);
 * ``mask``: free on the int kernels when every masked code is the format's exact zero (symmetric
   integer formats round a pruned zero to it); otherwise the layer takes the dequant path, which
   applies the mask.
@@ -95,6 +96,8 @@ class QuantLinear(nn.Module):
         for role, t in qt.to_tensors().items():
             if role != "codes":
                 self.register_buffer(f"s_{role}", t, persistent=False)
+        if qt.lowrank_scale is not None:  # int8 factors' per-component scales (metadata, not a stored role)
+            self.register_buffer("lowrank_scale", qt.lowrank_scale.to(torch.float32), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self._names = tuple(tensors)
 
@@ -135,7 +138,10 @@ class QuantLinear(nn.Module):
             y = kernel_dequant.matmul(x2, self.qtensor())
         if "s_lowrank_a" in self._buffers:  # (M, K) @ (K, r) @ (r, N) in float32
             a, b = self.s_lowrank_a.to(torch.float32), self.s_lowrank_b.to(torch.float32)
-            y = y.to(torch.float32) + (x2.to(torch.float32) @ b.t()) @ a.t()
+            t = x2.to(torch.float32) @ b.t()  # (M, r)
+            if "lowrank_scale" in self._buffers:
+                t = t * self.lowrank_scale
+            y = y.to(torch.float32) + t @ a.t()
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*lead, self.out_features)

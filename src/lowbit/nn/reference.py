@@ -15,6 +15,9 @@ Where things live on a module (read them through these functions, never by attri
 =====================  ==============================================
 ``qtensors(module)``   param name -> QuantizedTensor
 ``float_masks(module)`` param name -> (shape) bool keep-mask
+``pop_float(module,    the float weight a quantized ``param`` was made
+param)``               from, kept (``keep_float``) only while a later
+                       stage that refines it has yet to run
 =====================  ==============================================
 """
 from __future__ import annotations
@@ -35,6 +38,7 @@ _QTENSORS = "_lowbit_qtensors"
 _MASKS = "_lowbit_masks"
 _HOOKED = "_lowbit_input_hook"
 ADDED_BIAS = "_lowbit_added_bias"
+_FLOATS = "_lowbit_float_weights"
 
 
 def qtensors(module: nn.Module) -> dict[str, QuantizedTensor]:
@@ -51,6 +55,18 @@ def forget(module: nn.Module) -> None:
     """Drop the quantized tensors and masks recorded on ``module`` itself (not its children)."""
     module.__dict__.pop(_QTENSORS, None)
     module.__dict__.pop(_MASKS, None)
+    module.__dict__.pop(_FLOATS, None)
+
+
+def keep_float(module: nn.Module, param: str, W: Tensor) -> None:
+    """Keep ``W``, the float32 matrix view (rows, cols) that ``module.<param>`` was quantized from,
+    for a later stage that refines the quantized weight (``pop_float`` hands it over once)."""
+    module.__dict__.setdefault(_FLOATS, {})[param] = W
+
+
+def pop_float(module: nn.Module, param: str) -> Tensor | None:
+    """The float matrix view kept by ``keep_float`` (and forget it), or None if none was kept."""
+    return module.__dict__.get(_FLOATS, {}).pop(param, None)
 
 
 def attach(module: nn.Module, param: str, qt: QuantizedTensor, dtype: torch.dtype,

@@ -60,6 +60,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe, rules: list[Rule], batches: li
             _check_untied(model, pairs, where)
         out.append(pairs)
     _leave_weight_to_later(recipe, out)
+    _check_refined(recipe, out)
     _check_produced(recipe, out)
     return [stage.modifier.allocate(model, pairs, batches, progress) for stage, pairs in zip(recipe.stages, out)]
 
@@ -107,6 +108,26 @@ def _leave_weight_to_later(recipe: Recipe, per_stage: list[Pairs]) -> None:
                  if "weight" in st.modifier.produces for t, _ in pairs}
         per_stage[k] = [(t, replace(s, weight=None, input=None) if t.key in later and s.weight is not None else s)
                         for t, s in per_stage[k]]
+
+
+def refined_keys(recipe: Recipe, per_stage: list[Pairs]) -> frozenset[str]:
+    """Keys of the tensors a ``refines`` stage (LoRC) acts on: their quantizing stage keeps the float weight."""
+    return frozenset(t.key for st, pairs in zip(recipe.stages, per_stage) if st.modifier.refines for t, _ in pairs)
+
+
+def _check_refined(recipe: Recipe, per_stage: list[Pairs]) -> None:
+    """A refining stage acts only on tensors that an earlier stage quantizes."""
+    quantized: set[str] = set()
+    for i, (stage, pairs) in enumerate(zip(recipe.stages, per_stage)):
+        m = stage.modifier
+        if m.refines:
+            missing = [t.key for t, _ in pairs if t.key not in quantized]
+            if missing:
+                raise LowbitError(f"stage {i + 1} ({m.name}): no earlier stage quantizes {missing[0]}, and method "
+                                  f"{m.name} corrects a quantized weight; put a quantizing method before it (e.g. "
+                                  f"rtn+{m.name}) or narrow its targets")
+        elif "weight" in m.produces:
+            quantized |= {t.key for t, s in pairs if s.weight is not None}
 
 
 def stage_candidates(stage: Stage, pairs: Pairs) -> Pairs:
