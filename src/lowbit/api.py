@@ -56,7 +56,7 @@ def quantize(model: nn.Module, plan: Plan = "w4g128", method: str | Modifier | R
     ``method``: a name from ``lowbit.modifiers.REGISTRY`` ("rtn", "hqq", "nupes", "gptq", ...),
     several joined by ``+`` (one stage each), a modifier object or a ``lowbit.recipe.Recipe``.
     Methods that need data take ``calib``: model inputs as one tensor (N, T) of token windows
-    (split into batches of 8) or a list of batches. ``options`` go to the methods that have them,
+    (split into batches of 8, or of the method's own ``batch_windows``) or a list of batches. ``options`` go to the methods that have them,
     e.g. ``damp=0.01``. The run's report is kept as ``model.lowbit_report``.
     """
     from lowbit.engine.dataless import run_data_free
@@ -76,7 +76,7 @@ def quantize(model: nn.Module, plan: Plan = "w4g128", method: str | Modifier | R
         if calib is None:
             raise LowbitError(f"method {recipe.name!r} needs calibration data: pass calib=windows, e.g. from "
                               "lowbit.calib.calibration_windows(tokenizer, 'pydoc', 128, 512)")
-        batches = list(calib.split(8)) if isinstance(calib, torch.Tensor) else list(calib)
+        batches = list(calib.split(recipe.batch_windows)) if isinstance(calib, torch.Tensor) else list(calib)
         report = calibrate(model, rules, recipe, batches, progress=progress)
     model.__dict__["lowbit_report"] = report
     record_recipe(model, recipe.to_dict(), [r.to_dict() for r in rules])

@@ -71,7 +71,8 @@ def quantize(
     samples: int = typer.Option(128, "--samples", help="Methods with data: calibration windows."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration and --eval window."),
     seed: int = typer.Option(0, "--seed", help="Methods with data: seed of the calibration windows."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Methods with data: calibration windows per forward."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Methods with data: calibration windows "
+                                             "per forward (default 8, or the method's own: signround 2)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Methods with data: refuse a run whose "
                                              "forecast peak memory exceeds this, e.g. 4GB."),
     resume: bool = typer.Option(False, "--resume", help="Methods with data: continue a killed run from OUT.partial."),
@@ -114,7 +115,8 @@ def prune(
     samples: int = typer.Option(128, "--samples", help="Calibration windows."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration and --eval window."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration windows."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Calibration windows per forward."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Calibration windows per forward "
+                                             "(default 8)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Refuse a run whose forecast peak memory "
                                              "exceeds this, e.g. 4GB."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from OUT.partial."),

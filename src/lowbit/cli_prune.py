@@ -37,7 +37,7 @@ class PruneArgs:
     samples: int = 128
     seq_len: int = 512
     seed: int = 0
-    batch_size: int = 8
+    batch_size: Optional[int] = None  # None: the method's own, else 8
     resume: bool = False
     max_memory: Optional[str] = None
     overwrite: bool = False
@@ -137,7 +137,7 @@ def _structured(console: Console, a: PruneArgs) -> None:
     if loaded.tokenizer is None:
         raise LowbitError(f"{a.model} has no tokenizer files, which structured pruning needs for its calibration text")
     ids = calibration_windows(loaded.tokenizer, a.calib, a.samples, a.seq_len, a.seed, loaded.model)
-    batches = list(ids.split(a.batch_size))
+    batches = list(ids.split(a.batch_size or 8))
     t0 = time.perf_counter()
     numbers = prune_structured(loaded.model, batches, structure=a.structure, sparsity=a.sparsity, **a.options)
     numbers["seconds"] = time.perf_counter() - t0

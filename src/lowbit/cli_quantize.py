@@ -33,7 +33,7 @@ class QuantizeArgs:
     samples: int = 128
     seq_len: int = 512
     seed: int = 0
-    batch_size: int = 8
+    batch_size: Optional[int] = None
     max_memory: Optional[str] = None
     resume: bool = False
     overwrite: bool = False

@@ -226,3 +226,10 @@ def test_peak_memory_stays_under_the_forecast(tiny_llama_dir, tmp_path):
     assert 0 < numbers["peak_rss_bytes"] <= numbers["forecast_bytes"], numbers
     work = __import__("lowbit.modifiers.base", fromlist=["BlockWork"]).BlockWork(((64, 64),), 1024, 256)
     assert make("signround").memory(work) > 0 and make("signround", init="gptq").flops(work) > make("signround").flops(work)
+
+
+def test_runs_take_two_windows_per_step_unless_told():
+    from lowbit.recipe import Recipe
+
+    assert Recipe.of("signround").batch_windows == 2 and Recipe.of("gptq").batch_windows == 8
+    assert Recipe.of("smoothquant+signround").batch_windows == 2

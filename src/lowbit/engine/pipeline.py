@@ -41,7 +41,7 @@ class CalibratedRun:
     samples: int = 128
     seq_len: int = 512
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int | None = None  # None: the recipe's own (``Recipe.batch_windows``)
     resume: bool = False
     max_memory: str | None = None
     overwrite: bool = False
@@ -117,7 +117,7 @@ def _shape(model: nn.Module, plan: list, streamed: Any, args: CalibratedRun, win
     block_bytes = streamed.block_bytes() if streamed else sum(p.numel() * p.element_size() for p in block.parameters())
     hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or max((c for _, c in layers), default=1))
     n_blocks = len(found[1]) if found else 1
-    batch_tokens = min(args.batch_size, windows.shape[0]) * windows.shape[1]
+    batch_tokens = min(args.batch_size or args.recipe.batch_windows, windows.shape[0]) * windows.shape[1]
     work = BlockWork(layers, windows.numel(), batch_tokens)
     return Shape(resident_bytes=rss_bytes(), block_bytes=block_bytes, block_params=params, blocks=n_blocks,
                  layers=layers, hidden=hidden, intermediate=max((r for r, _ in layers), default=hidden),

@@ -43,6 +43,8 @@ Class attributes tell the engine what a method is:
   any stage changed the block (``BlockData.fp_weights``; bias correction after a quantizer);
 * ``solves_kinds``: the target kinds it solves itself (None: every kind); ``check_scheme`` is
   asked only about their schemes (LSQ rounds fused experts and convolutions to nearest);
+* ``batch_windows``: the calibration windows per forward it runs best with, used when the run
+  does not set ``--batch-size`` (a trained block solve takes one batch per step);
 * ``keeps_mask``: its ``solve_layer`` takes ``keep=`` (rows, cols) bool, the keep-mask an earlier
   pruning stage recorded, and keeps pruned weights at zero while it solves (GPTQ); the engine
   passes it only when there is one. Other methods solve as if dense; the mask still zeroes the
@@ -138,6 +140,7 @@ class Modifier:
     float_weights: ClassVar[bool] = False
     solves_kinds: ClassVar[frozenset[str] | None] = None
     keeps_mask: ClassVar[bool] = False
+    batch_windows: ClassVar[int | None] = None
     refines: ClassVar[bool] = False
 
     def check_scheme(self, scheme: TensorScheme) -> None:

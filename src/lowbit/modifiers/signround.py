@@ -110,6 +110,7 @@ class SignRound(Modifier):
     damp: float = gptq_algo.GPTQ.damp  # GPTQ's dampening, with init="gptq"
 
     name = "signround"
+    batch_windows = 2  # windows per step unless --batch-size says: measured, see the module docstring
     needs_data = True
     float_targets = True
     solves_kinds = frozenset({"linear"})

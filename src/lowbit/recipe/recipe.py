@@ -74,6 +74,13 @@ class Recipe:
         return any(s.modifier.float_targets for s in self.stages)
 
     @property
+    def batch_windows(self) -> int:
+        """Calibration windows per forward when the run does not say: the smallest a stage asks
+        for (``Modifier.batch_windows``, e.g. signround's per-step batch), else 8."""
+        asked = [s.modifier.batch_windows for s in self.stages if s.modifier.batch_windows]
+        return min(asked) if asked else 8
+
+    @property
     def name(self) -> str:
         return "+".join(s.modifier.name for s in self.stages)
 
