@@ -73,6 +73,7 @@ def quantize_cells(args: argparse.Namespace, root: Path) -> dict[str, dict]:
     from rss import measure
 
     out = {}
+    root.mkdir(parents=True, exist_ok=True)
     for cell in args.cells.split(","):
         label, method, options = parse_cell(cell)
         folder = root / label
