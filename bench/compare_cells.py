@@ -39,9 +39,10 @@ class Cell:
         return f"{self.tool}:" + re.sub(r"[^a-z0-9]+", "-", self.method.lower()).strip("-")
 
 
-def _lowbit(method: str, scheme: str, bits: int, gptq: bool = False, note: str = "") -> Cell:
-    args = ("--scheme", scheme, "--method", "gptq" if gptq else "rtn")
-    return Cell("lowbit", method, bits, args, calibrated=gptq, note=note)
+def _lowbit(method: str, scheme: str, bits: int, gptq: bool = False, note: str = "", solver: str = "") -> Cell:
+    solver = solver or ("gptq" if gptq else "rtn")
+    return Cell("lowbit", method, bits, ("--scheme", scheme, "--method", solver), calibrated=solver != "rtn",
+                note=note)
 
 
 LOWBIT = [
@@ -57,6 +58,8 @@ LOWBIT = [
     _lowbit("GPTQ w4g64 asym", "w4g64-asym", 4, gptq=True),
     _lowbit("GPTQ w4g128 asym", "w4g128-asym", 4, gptq=True),
     _lowbit("GPTQ w4g64 HQQ zero", "uint4_fz:g64:hqq", 4, gptq=True),
+    _lowbit("SignRound w4g64 sym", "w4g64", 4, solver="signround",
+            note="lowbit's SignRound with its defaults: 50 signed-gradient steps per block of 2 windows each"),
     _lowbit("RTN w3g64 asym", "w3g64-asym", 3),
     _lowbit("HQQ w3g64 (data-free)", "uint3_fz:g64:hqq", 3),
     _lowbit("GPTQ w3g64 asym", "w3g64-asym", 3, gptq=True),
@@ -111,7 +114,7 @@ PEERS = [
          pair=_K["RTN fp8 e4m3 per channel"]),
     # auto-round: SignRound, its "light" recipe (50 steps, lr 5e-3): the default 200 steps would take ~110 min
     Cell("autoround", "SignRound light W4 g64 sym", 4, ("--bits", "4", "--group", "64", "--iters", "50", "--lr", "5e-3"),
-         calibrated=True, pair=_K["GPTQ w4g64 sym"],
+         calibrated=True, pair=_K["SignRound w4g64 sym"],
          note="auto-round's light recipe (50 SignRound steps per block, lr 5e-3, no torch.compile): its default "
               "200 steps measured ~1.1 s each per block here, ~110 min per configuration; reloaded through its "
               "CPU backend, which runs in float16"),

@@ -3,7 +3,7 @@
     python3 bench/peers/lowbit_quant.py --model FOLDER --scheme w4g64-asym --method gptq --work WORK --out DIR
 
 Loads the fp32 folder every tool reads, quantizes with lowbit's Python API (round-to-nearest,
-or GPTQ with lowbit's CLI defaults on the work folder's calibration windows), saves the model
+or GPTQ or SignRound with lowbit's defaults on the work folder's calibration windows), saves the model
 with ``lowbit.save`` (its size on disk is the saved folder), then loads that folder back with
 ``lowbit.load``, which is what a user runs, and hands it to the shared evaluator. Quantize
 seconds cover ``lowbit.quantize`` alone; peak RSS is read before the reload. ``--scheme fp32``
@@ -22,7 +22,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--scheme", required=True, help="a lowbit scheme, or fp32: the unquantized reference row")
-    ap.add_argument("--method", choices=("rtn", "gptq", "magnitude", "wanda", "sparsegpt"), default="rtn",
+    ap.add_argument("--method", choices=("rtn", "gptq", "signround", "magnitude", "wanda", "sparsegpt"), default="rtn",
                     help="a weight method, or a pruning method with a sparsity scheme (s=50%%, s=2:4)")
     ap.add_argument("--damp", type=float, default=None, help="GPTQ dampening (default: lowbit's)")
     ap.add_argument("--no-act-order", action="store_true")
@@ -44,7 +44,7 @@ def main() -> None:
         return
     options: dict = {}
     calib = None
-    if args.method in ("gptq", "wanda", "sparsegpt"):
+    if args.method in ("gptq", "signround", "wanda", "sparsegpt"):
         if args.work is None:
             raise SystemExit(f"--method {args.method} needs --work (its calibration windows)")
         calib = calibration(args.work)
