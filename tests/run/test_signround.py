@@ -233,3 +233,17 @@ def test_runs_take_two_windows_per_step_unless_told():
 
     assert Recipe.of("signround").batch_windows == 2 and Recipe.of("gptq").batch_windows == 8
     assert Recipe.of("smoothquant+signround").batch_windows == 2
+
+
+@pytest.mark.parametrize("after", ["lorc", "bias-correction"])
+def test_a_later_stage_gets_the_float_weights_signround_rounded(after, single_thread):
+    """LoRC and bias correction need the float weight a block solve quantized: the engine keeps it."""
+    model = tiny_llama()
+    recipe = Recipe((Stage(make("signround", steps=3)), Stage(make(after))))
+    report = calibrate(model, default_plan(model, parse_tensor_scheme("int3:g32")), recipe, batches(2), progress=False)
+    assert report.stages[1].done == 14
+    if after == "lorc":
+        assert all(t["lowrank_a"].shape[1] == 8 for t in tensors(model).values())
+    else:
+        assert model.model.layers[0].mlp.down_proj.bias is not None
+    assert not any("_lowbit_float_weights" in m.__dict__ for m in model.modules())  # none left behind

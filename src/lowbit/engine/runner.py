@@ -34,6 +34,8 @@ from lowbit.engine.report import RunReport, StageReport
 from lowbit.engine.restore import block_payload, restore_block, restore_report
 from lowbit.engine.solve import refine_target, solve_target
 from lowbit.memory import trim_heap
+from lowbit.nn.reference import drop_floats, keep_float, kept_float, qtensors
+from lowbit.qtensor import matrix_view
 from lowbit.models.blocks import check_uniform_layers, find_blocks
 from lowbit.modifiers import make
 from lowbit.modifiers.base import BlockData, Modifier
@@ -76,7 +78,7 @@ def calibrate(model: nn.Module, plan: list[Rule], method: Recipe | Modifier | st
         if workdir is not None else None
     start = run.done if run else 0
     report.resumed_from = start
-    keep_float = recipe.float_targets
+    float_gen = recipe.float_targets
     saves_float = any(s.modifier.changes_float for s in recipe.stages)
     for i in range(start):
         restore_report(report, run, i)
@@ -84,23 +86,24 @@ def calibrate(model: nn.Module, plan: list[Rule], method: Recipe | Modifier | st
             restore_block(model, run.path, i)
     with eager_experts(model):
         calls = catch_inputs(model, blocks[0] if found else None, batches)
-        q_in, fp_in = _first_generations(calls, run, start, act_budget, keep_float)
+        q_in, fp_in = _first_generations(calls, run, start, act_budget, float_gen)
         bar = tqdm(range(start, len(blocks)), desc=f"calibrate ({recipe.name})", unit="block",
                    disable=not progress, initial=start, total=len(blocks))
         for i in bar:
             name = f"{prefix}{i}" if found else ""
             if streaming:
                 streaming.load(blocks[i], f"{name}." if name else "")
-            fp_out = _propagate(blocks[i], calls, fp_in, _gen(run, i, "fp", act_budget)) if keep_float else None
-            fp_weights = _float_weights(model, recipe, split, i)
+            fp_out = _propagate(blocks[i], calls, fp_in, _gen(run, i, "fp", act_budget)) if float_gen else None
+            floats = _snapshot(model, [p for parts in split for p in parts.get(i, [])], keep)
             counts = []
             for k, (stage, parts) in enumerate(zip(recipe.stages, split)):
-                data = BlockData(calls, q_in, fp_in, fp_out, fp_weights=fp_weights) \
-                    if stage.modifier.has_block_solve else None
+                data = BlockData(calls, q_in, fp_in, fp_out) if stage.modifier.has_block_solve else None
                 done = _run_stage(model, blocks[i], stage, report.stages[k], parts.get(i, []), calls, q_in, data,
                                   report, keep)
                 layered = stage.modifier.has_layer_solve or stage.modifier.refines
                 counts.append(len(done) if layered else len(parts.get(i, [])))
+                _keep_snapshot(floats)
+            drop_floats(blocks[i])
             old = q_in
             q_in = _propagate(blocks[i], calls, q_in, _gen(run, i, "q", act_budget))
             for gen in {id(g): g for g in (old, fp_in) if g is not None}.values():
@@ -112,6 +115,7 @@ def calibrate(model: nn.Module, plan: list[Rule], method: Recipe | Modifier | st
             if streaming:
                 streaming.release(blocks[i])
             trim_heap()  # the block's temporaries, and the float weights it replaced
+    drop_floats(model)  # what tensors outside the blocks kept for a later stage
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -158,16 +162,26 @@ def _run_stage(model: nn.Module, block: nn.Module, stage: Stage, sr: StageReport
     return solved
 
 
-def _float_weights(model: nn.Module, recipe: Recipe, split: list[dict[int, Pairs]], i: int
-                   ) -> dict[str, Tensor] | None:
-    """Copies of block ``i``'s float weights targeted by stages that ask for them
-    (``Modifier.float_weights``), taken before any stage runs on the block; else None."""
-    wanted = [t for stage, parts in zip(recipe.stages, split) if stage.modifier.float_weights
-              for t, _ in parts.get(i, [])]
-    if not wanted:
-        return None
+def _snapshot(model: nn.Module, pairs: Pairs, keep: frozenset[str]) -> list[tuple[nn.Module, str, Tensor]]:
+    """(module, param, float32 matrix view) of the block's tensors in ``keep`` that no stage has
+    quantized yet, copied before any stage runs on the block."""
     modules = dict(model.named_modules())
-    return {t.key: getattr(modules[t.module_name], t.param).detach().clone() for t in wanted}
+    out, seen = [], set()
+    for t, _ in pairs:
+        module = modules[t.module_name]
+        if t.key in keep and t.key not in seen and t.param not in qtensors(module):
+            seen.add(t.key)
+            w = getattr(module, t.param).detach().to(torch.float32)
+            out.append((module, t.param, matrix_view(w, t.layout).clone()))
+    return out
+
+
+def _keep_snapshot(floats: list[tuple[nn.Module, str, Tensor]]) -> None:
+    """After a stage: keep the copied float weight beside each tensor it quantized (a block solve
+    attaches its results itself; a layer solve keeps its own, see ``engine.solve``)."""
+    for module, param, W in floats:
+        if param in qtensors(module) and kept_float(module, param) is None:
+            keep_float(module, param, W)
 
 
 def _block_lines(m: Modifier, pairs: Pairs, info: dict, report: RunReport) -> None:
@@ -249,12 +263,12 @@ def _gen(run: RunDir | None, i: int, kind: str, budget: int) -> Generation:
     return Generation(folder, budget // (4 if kind == "fp" else 2))
 
 
-def _first_generations(calls: list, run: RunDir | None, start: int, budget: int, keep_float: bool
+def _first_generations(calls: list, run: RunDir | None, start: int, budget: int, float_gen: bool
                        ) -> tuple[Generation, Generation | None]:
     """The hidden states entering block ``start`` (quantized, and float when kept)."""
     if run is not None and start > 0:
         q = Generation.load(run.acts(start - 1), budget // 2)
-        return q, Generation.load(run.fp_acts(start - 1), budget // 4) if keep_float else None
+        return q, Generation.load(run.fp_acts(start - 1), budget // 4) if float_gen else None
     total = sum(nbytes(c.hidden) for c in calls)
     folder = run.path / "acts-input" if run is not None and total > budget // 2 else None
     gen = Generation(folder, budget // 2)
@@ -262,7 +276,7 @@ def _first_generations(calls: list, run: RunDir | None, start: int, budget: int,
         gen.append(c.hidden)
     _drop_hidden(calls)
     gen.finish()
-    return gen, gen if keep_float else None  # both models see the same inputs at the first block
+    return gen, gen if float_gen else None  # both models see the same inputs at the first block
 
 
 def _drop_hidden(calls: list) -> None:

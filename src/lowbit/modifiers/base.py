@@ -39,8 +39,9 @@ Class attributes tell the engine what a method is:
 * ``requires``: the parts a layer's scheme must have for the method to act on it;
 * ``changes_float``: it changes float weights in place (pruning, folding, biases), so a
   checkpoint must keep the block's float tensors too;
-* ``float_weights``: ``solve_block`` needs the float weights of its targets as they were before
-  any stage changed the block (``BlockData.fp_weights``; bias correction after a quantizer);
+* ``float_weights``: ``solve_block`` needs the float weights its targets were quantized from
+  (the engine keeps them beside the quantized tensors: ``lowbit.nn.reference.kept_float``; bias
+  correction after a quantizer);
 * ``solves_kinds``: the target kinds it solves itself (None: every kind); ``check_scheme`` is
   asked only about their schemes (LSQ rounds fused experts and convolutions to nearest);
 * ``batch_windows``: the calibration windows per forward it runs best with, used when the run
@@ -101,8 +102,6 @@ class BlockData:
     fp_out:  per batch, the float block's outputs on ``fp_in`` (computed before any stage
              changed the block), or None.
     layers:  (key, module, param, scheme) of the block's targeted tensors for this stage.
-    fp_weights: with ``Modifier.float_weights``, key -> the tensor's float weight (its own shape
-             and dtype) before any stage changed this block; else None.
     """
 
     calls: list
@@ -110,7 +109,6 @@ class BlockData:
     fp_in: Any = None
     fp_out: Any = None
     layers: list[tuple[str, nn.Module, str, TensorScheme]] = field(default_factory=list)
-    fp_weights: dict[str, Tensor] | None = None
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from lowbit.errors import LowbitError
 from lowbit.models.targets import targets
 from lowbit.modifiers.base import BlockData, BlockWork, Modifier
-from lowbit.nn.reference import add_bias, qtensors
+from lowbit.nn.reference import add_bias, kept_float, qtensors
 from lowbit.qtensor import matrix_view
 
 
@@ -92,7 +92,10 @@ class BiasCorrection(Modifier):
         raw, seen = _input_means(block, [m for _, m, _ in todo], data)
         worst = 0.0
         for (key, module, layout), x, x_hat in zip(todo, raw, seen):
-            W = matrix_view(data.fp_weights[key].to(torch.float32), layout)  # (out, in)
+            W = kept_float(module, "weight")  # (out, in) float32, what the earlier stage quantized
+            if W is None:
+                raise LowbitError(f"{key}: its float weight was not kept for bias-correction; run the quantizing "
+                                  "method and it in one recipe (e.g. rtn+bias-correction)")
             W_hat = matrix_view(module.weight.detach().to(torch.float32), layout)
             c = correction(W, W_hat, x.value(), x_hat.value())  # (out,)
             bias = add_bias(module)

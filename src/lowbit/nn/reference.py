@@ -60,13 +60,25 @@ def forget(module: nn.Module) -> None:
 
 def keep_float(module: nn.Module, param: str, W: Tensor) -> None:
     """Keep ``W``, the float32 matrix view (rows, cols) that ``module.<param>`` was quantized from,
-    for a later stage that refines the quantized weight (``pop_float`` hands it over once)."""
+    for a later stage that needs it (LoRC, bias correction): ``kept_float`` reads it,
+    ``pop_float`` hands it over and forgets it."""
     module.__dict__.setdefault(_FLOATS, {})[param] = W
+
+
+def kept_float(module: nn.Module, param: str) -> Tensor | None:
+    """The float matrix view kept by ``keep_float``, or None if none was kept."""
+    return module.__dict__.get(_FLOATS, {}).get(param)
 
 
 def pop_float(module: nn.Module, param: str) -> Tensor | None:
     """The float matrix view kept by ``keep_float`` (and forget it), or None if none was kept."""
     return module.__dict__.get(_FLOATS, {}).pop(param, None)
+
+
+def drop_floats(model: nn.Module) -> None:
+    """Forget every float matrix view kept in ``model`` (its modules and itself)."""
+    for module in model.modules():
+        module.__dict__.pop(_FLOATS, None)
 
 
 def attach(module: nn.Module, param: str, qt: QuantizedTensor, dtype: torch.dtype,

@@ -111,8 +111,10 @@ def _leave_weight_to_later(recipe: Recipe, per_stage: list[Pairs]) -> None:
 
 
 def refined_keys(recipe: Recipe, per_stage: list[Pairs]) -> frozenset[str]:
-    """Keys of the tensors a ``refines`` stage (LoRC) acts on: their quantizing stage keeps the float weight."""
-    return frozenset(t.key for st, pairs in zip(recipe.stages, per_stage) if st.modifier.refines for t, _ in pairs)
+    """Keys of the tensors a stage needs the float weight of, after an earlier stage quantized them
+    (``refines``: LoRC; ``float_weights``: bias correction): the engine keeps it beside them."""
+    return frozenset(t.key for st, pairs in zip(recipe.stages, per_stage)
+                     if st.modifier.refines or st.modifier.float_weights for t, _ in pairs)
 
 
 def _check_refined(recipe: Recipe, per_stage: list[Pairs]) -> None:
