@@ -85,7 +85,7 @@ def quantize_cells(args: argparse.Namespace, root: Path) -> dict[str, dict]:
             report = json.loads((folder.parent / f"{folder.name}.report.json").read_text())
             meta.write_text(json.dumps({"label": label, "method": method, "options": options,
                                         "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"],
-                                        "quantize_seconds": report.get("seconds"),
+                                        "quantize_seconds": report.get("quantize_seconds"),
                                         "forecast_bytes": report.get("forecast_bytes"),
                                         "peak_rss_bytes": report.get("peak_rss_bytes")}))
         out[label] = json.loads(meta.read_text())
