@@ -89,6 +89,10 @@ def quantize_cells(args: argparse.Namespace, root: Path) -> dict[str, dict]:
                                         "forecast_bytes": report.get("forecast_bytes"),
                                         "peak_rss_bytes": report.get("peak_rss_bytes")}))
         out[label] = json.loads(meta.read_text())
+        report = folder.parent / f"{folder.name}.report.json"
+        if report.exists():  # the run's own figures: quantize seconds (no load or save), forecast, peak
+            r = json.loads(report.read_text())
+            out[label].update({k: r.get(k) for k in ("quantize_seconds", "forecast_bytes", "peak_rss_bytes")})
     return out
 
 
@@ -154,7 +158,8 @@ def write_markdown(path: Path = HERE.parent / "BENCHMARKS.md") -> None:
         "### Learned rounding: paired comparisons against round-to-nearest",
         "",
         "Reproduce: `python3 bench/learned_paired.py --scheme SCHEME --cells CELLS --windows W` (SmolLM2-135M; "
-        "every cell calibrated on the same pydoc windows, its own process for time and peak memory; "
+        "every cell calibrated on the same pydoc windows, its own `lowbit quantize` process; quantize s is the run "
+        "without loading and saving, peak RSS the process tree's, forecast the run's own peak forecast; "
         "prose is out of domain). Δ is the cell's log perplexity minus RTN's, paired window by window, "
         "± the 95% interval; \"gap closed\" is the share of RTN's log-perplexity gap to fp32 removed. "
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}.",
@@ -176,7 +181,8 @@ def write_markdown(path: Path = HERE.parent / "BENCHMARKS.md") -> None:
                 row += [f"{m['ppl']:.3f} ({m['ratio']:.3f}×)", f"{m['minus_rtn']:+.4f} ± {Z95 * m['se']:.4f}",
                         f"{100 * m['gap_closed']:.0f}%"]
             forecast = cell.get("forecast_bytes")
-            row += [f"{r['prose']['models'][label]['kl']:.4f}", f"{cell['seconds']:.0f}", f"{cell['peak_rss_mb']:.0f}",
+            row += [f"{r['prose']['models'][label]['kl']:.4f}", f"{cell.get('quantize_seconds') or cell['seconds']:.0f}",
+                    f"{cell['peak_rss_mb']:.0f}",
                     f"{forecast / 2**20:.0f}" if forecast else "–"]
             lines.append("| " + " | ".join(row) + " |")
     lines += ["", MARK_END]
