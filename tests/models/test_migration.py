@@ -40,7 +40,9 @@ def test_version_1_folder_gives_the_logits_it_was_written_with(expected):
     with torch.no_grad():
         ref = lowbit.load(V1, packed=False)(expected["input_ids"]).logits
         packed = lowbit.load(V1)(expected["input_ids"]).logits
-    assert torch.equal(ref, expected["logits"])
+    # the weights are those it was written with; the forward around them is transformers', whose
+    # releases round differently in the last bit (5.25.0: 1.2e-7 of logits up to 0.63)
+    assert (ref - expected["logits"]).abs().max() <= 1e-5 * expected["logits"].abs().max()
     assert (packed - expected["logits"]).abs().max() <= 0.02 * expected["logits"].abs().max()
 
 
@@ -52,7 +54,8 @@ def test_version_1_folder_loads_with_from_pretrained(expected):
     install_hook()
     with loading(packed=False), torch.no_grad():
         got = AutoModelForCausalLM.from_pretrained(V1)(expected["input_ids"]).logits
-    assert torch.equal(got, expected["logits"])
+    assert torch.equal(got, lowbit.load(V1, packed=False)(expected["input_ids"]).logits)  # the same model
+    assert (got - expected["logits"]).abs().max() <= 1e-5 * expected["logits"].abs().max()
 
 
 def _edited(tmp_path: Path, edit) -> Path:
