@@ -92,7 +92,8 @@ def quantize_cells(args: argparse.Namespace, root: Path) -> dict[str, dict]:
         report = folder.parent / f"{folder.name}.report.json"
         if report.exists():  # the run's own figures: quantize seconds (no load or save), forecast, peak
             r = json.loads(report.read_text())
-            out[label].update({k: r.get(k) for k in ("quantize_seconds", "forecast_bytes", "peak_rss_bytes")})
+            out[label].update({k: r.get(k) for k in ("quantize_seconds", "forecast_bytes", "peak_rss_bytes",
+                                                     "bits_per_weight")})
     return out
 
 
@@ -123,19 +124,8 @@ def score_cells(cells: dict[str, dict], root: Path, windows: int) -> dict:
                 kl += float(token_kl(logp, ref).double().sum())
             scores[c][label] = nll
             kls[c][label] = kl / (ws.shape[0] * (ws.shape[1] - 1))
-        cells[label]["bits_per_weight"] = _bits(model)
         del model
     return {c: summarize(scores[c], kls[c], wins[c].shape[0] * (wins[c].shape[1] - 1)) for c in wins}
-
-
-def _bits(model) -> float:
-    from lowbit.nn.reference import quantized_tensors
-
-    bits = n = 0
-    for *_, qt, _ in quantized_tensors(model):
-        bits += qt.bits_per_weight * qt.numel
-        n += qt.numel
-    return bits / n
 
 
 def summarize(nll: dict[str, list[float]], kl: dict[str, float], tokens: int) -> dict:
