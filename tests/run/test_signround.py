@@ -247,3 +247,16 @@ def test_a_later_stage_gets_the_float_weights_signround_rounded(after, single_th
     else:
         assert model.model.layers[0].mlp.down_proj.bias is not None
     assert not any("_lowbit_float_weights" in m.__dict__ for m in model.modules())  # none left behind
+
+
+def test_the_float_weight_kept_is_the_one_the_block_solve_rounded(single_thread):
+    """After SmoothQuant folds scales into the weights, LoRC corrects against the folded weight:
+    untrained signround + lorc equals rtn + lorc (same codes, same factors)."""
+    scheme = "int4:g32+a=int8:token"
+    made = []
+    for quantizer in (make("signround", steps=0), make("rtn")):
+        model = tiny_llama()
+        recipe = Recipe((Stage(make("smoothquant")), Stage(quantizer), Stage(make("lorc"))))
+        calibrate(model, default_plan(model, parse_tensor_scheme(scheme)), recipe, batches(2), progress=False)
+        made.append(tensors(model))
+    assert same(made[0], made[1]) and all(t["lowrank_a"].shape[1] == 8 for t in made[0].values())

@@ -94,10 +94,10 @@ def calibrate(model: nn.Module, plan: list[Rule], method: Recipe | Modifier | st
             if streaming:
                 streaming.load(blocks[i], f"{name}." if name else "")
             fp_out = _propagate(blocks[i], calls, fp_in, _gen(run, i, "fp", act_budget)) if float_gen else None
-            floats = _snapshot(model, [p for parts in split for p in parts.get(i, [])], keep)
             counts = []
             for k, (stage, parts) in enumerate(zip(recipe.stages, split)):
                 data = BlockData(calls, q_in, fp_in, fp_out) if stage.modifier.has_block_solve else None
+                floats = _snapshot(model, parts.get(i, []), keep) if data is not None else []
                 done = _run_stage(model, blocks[i], stage, report.stages[k], parts.get(i, []), calls, q_in, data,
                                   report, keep)
                 layered = stage.modifier.has_layer_solve or stage.modifier.refines
@@ -163,8 +163,9 @@ def _run_stage(model: nn.Module, block: nn.Module, stage: Stage, sr: StageReport
 
 
 def _snapshot(model: nn.Module, pairs: Pairs, keep: frozenset[str]) -> list[tuple[nn.Module, str, Tensor]]:
-    """(module, param, float32 matrix view) of the block's tensors in ``keep`` that no stage has
-    quantized yet, copied before any stage runs on the block."""
+    """(module, param, float32 matrix view) of a block solve's tensors in ``keep`` that no stage has
+    quantized yet, copied just before the stage runs (after any earlier stage changed them, e.g.
+    SmoothQuant's folding); a layer solve keeps the matrix it quantized itself (``engine.solve``)."""
     modules = dict(model.named_modules())
     out, seen = [], set()
     for t, _ in pairs:
@@ -240,7 +241,12 @@ def _solve_outside(model: nn.Module, recipe: Recipe, outside: list[Pairs], repor
             sub = run_data_free(model, Recipe((stage,)), [pairs], progress=False, keep=keep)
             report.layers += sub.layers
             continue
+        modules = dict(model.named_modules())
         for target, scheme in pairs:
+            if target.param in qtensors(modules[target.module_name]):  # an earlier stage quantized it already
+                report.fallbacks.append(f"{target.key}: outside the repeated blocks, {stage.modifier.name} "
+                                        "left it as the earlier stage made it")
+                continue
             _fallback(model, target, scheme, report, "outside the repeated blocks", target.key in keep)
 
 

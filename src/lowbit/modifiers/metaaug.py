@@ -89,13 +89,13 @@ class MetaAug(AdaRound):
     pkt_weight: float = 30000.0  # γ, the weight of the PKT term (0 skips it)
     margin: float = 0.1  # τ, the relative mean-square change T must make
     width: int = 64  # T's hidden width
-    seed: int = 0  # T's start, the mixup draws and the meta batch order
+    meta_seed: int = 0  # T's start, the mixup draws and the meta batch order (not --seed: the run's calibration seed)
 
     name = "metaaug"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("meta_steps", "width", "seed"):
+        for name in ("meta_steps", "width", "meta_seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "width" else 0):
                 raise LowbitError(f"metaaug {name} must be an integer >= {1 if name == 'width' else 0}, got {value!r}")
@@ -137,7 +137,7 @@ class MetaAug(AdaRound):
     def _learn_transform(self, block: nn.Module, wrapped: list[Wrapped], data: BlockData,
                          info: dict[str, Any]) -> list[Tensor]:
         """T's parameters after ``meta_steps`` clipped Adam steps on the outer loss (detached)."""
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.meta_seed)
         theta = [t.requires_grad_() for t in init_transform(data.q_in[0].shape[-1], self.width, generator)]
         optimizer = torch.optim.Adam(theta, lr=self.meta_lr)
         V = [w.layer.V for w in wrapped]
@@ -146,7 +146,7 @@ class MetaAug(AdaRound):
         losses = []
         _set_mode(wrapped, "soft")
         with training(block, V), sdpa_kernel(SDPBackend.MATH):  # the fused kernels have no double backward
-            for step, j in enumerate(batch_order(len(data.calls), self.meta_steps, seed=self.seed + 1)):
+            for step, j in enumerate(batch_order(len(data.calls), self.meta_steps, seed=self.meta_seed + 1)):
                 inner, outer = self._losses(block, runner, wrapped, names, data, j, theta, step, generator)
                 grads, loss = meta_gradient(inner, outer, V, theta, self.lr)
                 for t, g in zip(theta, grads):

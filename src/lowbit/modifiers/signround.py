@@ -188,10 +188,12 @@ class SignRound(Modifier):
         snapshot (16 B), and what the rounding graph keeps for the backward pass (shifted weight,
         reconstruction, scale derivative, zero derivative, codes, in-range mask: 18 B). Per
         token of a batch: every layer's input and output in float32, twice (the backward pass).
+        With ``init="gptq"``: every layer's (cols, cols) float32 Hessian.
         """
         weights = sum(r * c for r, c in work.layers)
         per_token = 2 * 4 * sum(r + c for r, c in work.layers)
-        return weights * (4 + 16 + 18) + per_token * work.batch_tokens
+        hessians = sum(4 * c * c for _, c in work.layers) if self.init == "gptq" else 0  # all gathered at once
+        return weights * (4 + 16 + 18) + per_token * work.batch_tokens + hessians
 
     def flops(self, work: BlockWork) -> float:
         """``steps`` forward and backward passes of one batch through the layers (6·rows·cols per
