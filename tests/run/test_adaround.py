@@ -25,18 +25,9 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
 import families  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from cli_kill import KILL_AFTER_FIRST_BLOCK, files  # noqa: E402
+from test_lsq import batches, same, tensors, tiny_llama  # noqa: E402
 
 CLI = ("--scheme", "uint4:g32", "--samples", "4", "--seq-len", "32", "--batch-size", "2")
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    return families.llama().eval()
-
-
-def batches(n: int = 4, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, families.V, (4, 48), generator=g) for _ in range(n)]
 
 
 def adaround(scheme: str, n_batches: int = 4, **options):
@@ -45,14 +36,6 @@ def adaround(scheme: str, n_batches: int = 4, **options):
                        batches(n_batches), progress=False)
     return model, report
 
-
-def tensors(model) -> dict[str, dict[str, torch.Tensor]]:
-    return {name: qt.to_tensors() for name, _, qt, _ in quantized_tensors(model)}
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(a[k].keys() == b[k].keys() and all(torch.equal(a[k][r], b[k][r])
-                                                                            for r in a[k]) for k in a)
 
 
 @pytest.mark.parametrize("scheme", ["uint4:g32", "int3:channel", "int4:g32+a=int8:token", "uint4_fz:g32:hqq"])
