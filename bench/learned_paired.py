@@ -3,6 +3,10 @@
     python3 bench/learned_paired.py [--scheme uint4:g128] [--cells rtn,gptq,signround,...]
                                     [--samples 32] [--batch 2] [--windows 64] [--calib pydoc]
 
+``--calib`` is ``lowbit quantize``'s (a source or a mix such as ``pydoc:0.5,self:0.5``), where the
+name ``prose`` stands for the calibration half of the prose corpus (``corpora.prose_split``; no
+prose evaluation window contains it). A calibration with prose makes the prose column in domain.
+
 Each cell is ``LABEL=METHOD[:k=v,...]`` or one of the names in ``CELLS`` (e.g. ``signround``,
 ``signround-gptq``, ``gptq``). Every cell is quantized in its own process on the same
 ``--samples`` calibration windows of 512 tokens (``--batch`` windows per step or forward),
@@ -55,6 +59,24 @@ def parse_cell(text: str) -> tuple[str, str, dict]:
     return label, method, options
 
 
+def calib_arg(calib: str) -> str:
+    """``--calib`` for ``lowbit quantize``: every ``prose`` source becomes the prose calibration half's file."""
+    from corpora import cache_dir, prose_calibration_file
+
+    def one(entry: str) -> str:
+        name, sep, weight = entry.partition(":")
+        if name != "prose":
+            return entry
+        return str(prose_calibration_file(cache_dir() / "prose-calibration-half.txt")) + sep + weight
+
+    return ",".join(one(e) for e in calib.split(","))
+
+
+def calib_tag(calib: str) -> str:
+    """A file-name-safe tag of a calibration spec (``pydoc:0.5,prose:0.5`` -> ``pydoc0.5+prose0.5``)."""
+    return "+".join(e.replace(":", "") for e in calib.split(","))
+
+
 def command(cell: str, args: argparse.Namespace, folder: Path) -> list[str]:
     """The ``lowbit quantize`` command line of one cell (the user's path, with its report)."""
     _, method, options = parse_cell(cell)
@@ -62,7 +84,7 @@ def command(cell: str, args: argparse.Namespace, folder: Path) -> list[str]:
            "--out", str(folder), "--report", str(folder.parent / f"{folder.name}.report.json"), "--overwrite"]
     if method != "rtn":
         cmd += ["--samples", str(args.samples), "--seq-len", "512", "--batch-size", str(args.batch),
-                "--calib", args.calib]
+                "--calib", calib_arg(args.calib)]
     for k, v in options.items():
         flag = "--" + k.replace("_", "-")
         cmd += [flag if v is True else "--no-" + flag[2:]] if isinstance(v, bool) else [flag, str(v)]
@@ -156,7 +178,8 @@ def write_markdown(path: Path = HERE.parent / "BENCHMARKS.md") -> None:
     ]
     for f in sorted((HERE / "out").glob("learned-*.json")):
         r = json.loads(f.read_text())
-        lines += ["", f"**{r['scheme']}**, calibration {r['calib']} {r['samples']}×512, batch {r['batch']}, "
+        domain = "prose in domain" if "prose" in r["calib"] else "prose out of domain"
+        lines += ["", f"**{r['scheme']}**, calibration {r['calib']} {r['samples']}×512 ({domain}), batch {r['batch']}, "
                   f"{r['pydoc']['windows']} windows per corpus:", "",
                   "| cell | method | bits/weight | pydoc ppl (×fp32) | pydoc Δ vs RTN | pydoc gap closed "
                   "| prose ppl (×fp32) | prose Δ vs RTN | prose gap closed | prose KL | quantize s | peak RSS MiB "
@@ -196,11 +219,12 @@ def main() -> None:
     if "rtn" not in args.cells.split(","):
         args.cells = "rtn," + args.cells
     safe = "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in args.scheme)
-    root = HERE / "out" / "learned" / f"{safe}-{args.calib}-{args.samples}x{args.batch}"
+    tag = calib_tag(args.calib)
+    root = HERE / "out" / "learned" / f"{safe}-{tag}-{args.samples}x{args.batch}"
     cells = quantize_cells(args, root)
     result = {"scheme": args.scheme, "calib": args.calib, "samples": args.samples, "batch": args.batch,
               "cells": cells, **score_cells(cells, root, args.windows)}
-    out = HERE / "out" / f"learned-{safe}.json"
+    out = HERE / "out" / f"learned-{safe}{'' if tag == 'pydoc' else '-' + tag}.json"
     out.write_text(json.dumps(result, indent=1))
     for c in ("pydoc", "prose"):
         print(c, {k: round(v["ratio"], 4) for k, v in result[c]["models"].items()})
