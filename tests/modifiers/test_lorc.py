@@ -196,6 +196,18 @@ def test_a_tensor_no_earlier_stage_quantizes_is_refused():
         lowbit.quantize(tiny_llama(), "int3:g32", "lorc+rtn", progress=False)
 
 
+@pytest.mark.parametrize("method", ["rtn+lorc+lorc", "gptq+lorc+lorc"])
+def test_a_second_correction_of_the_same_tensor_is_refused_before_any_change(method):
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(LowbitError, match=r"^stage 3 \(lorc\) would correct model\.layers\.0\.\S+ a second time "
+                                          r"\(stage 2 already does\); .*raise its rank"):
+        lowbit.quantize(model, "int3:g32", method, calib=calib if method.startswith("gptq") else None,
+                        progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_a_rank_that_does_not_fit_is_refused_before_any_change():
     model = tiny_llama()
     with pytest.raises(LowbitError, match=r"lorc rank 32 does not fit model\.layers\.0\.self_attn\.k_proj "
@@ -226,6 +238,37 @@ def test_tied_weights_stay_tied_and_share_one_correction():
     assert head is emb and head.rank == 4 and model.lm_head.weight is model.model.embed_tokens.weight
     plain = replace(head, lowrank_a=None, lowrank_b=None)
     assert float(torch.linalg.norm(W - head.dequantize())) < float(torch.linalg.norm(W - plain.dequantize()))
+
+
+def test_data_free_lorc_holds_one_float_copy_at_a_time_and_matches_refining_afterwards(monkeypatch):
+    """rtn+lorc corrects each tensor right after rounding it, not after every weight's float copy
+    was kept until the LoRC stage; the tensors equal the stage-after-stage run's bit for bit."""
+    from lowbit.engine import dataless
+    from lowbit.nn.reference import _FLOATS
+
+    real = dataless.refine_target
+
+    def run(early: bool) -> tuple[torch.nn.Module, list[int]]:
+        model, held = tiny_llama(), []
+
+        def counting(m, target, module, scheme, report):
+            held.append(sum(len(mod.__dict__.get(_FLOATS, {})) for mod in model.modules()))
+            return real(m, target, module, scheme, report)
+
+        with monkeypatch.context() as mp:
+            mp.setattr(dataless, "refine_target", counting)
+            if not early:  # the refining stage then corrects every tensor after rtn rounded them all
+                mp.setattr(dataless._EarlyRefine, "refine", lambda self, target, module, solved, report: solved)
+            lowbit.quantize(model, "int3:g32", "rtn+lorc", rank=4, progress=False)
+        return model, held
+
+    (ours, held), (theirs, held_late) = run(True), run(False)
+    assert len(held) == 14 and max(held) == 1 and max(held_late) == 14, (held, held_late)
+    a, b = by_key(ours), by_key(theirs)
+    assert sorted(a) == sorted(b) and all(x.rank == 4 for x in a.values())
+    for k in a:
+        ta, tb = a[k].to_tensors(), b[k].to_tensors()
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[n], tb[n]) for n in ta), k
 
 
 def test_gptq_lorc_resumes_from_its_checkpoint_to_the_same_tensors(tmp_path, monkeypatch):

@@ -154,3 +154,23 @@ def test_time_forecast_counts_the_engine_forwards_and_each_methods_own_work():
     assert make("lsq", steps=20).flops(work) > lsq.flops(work) > make("lsq", steps=0).flops(work) > 0
     assert lsq.memory(replace(work, batch_tokens=2048)) > lsq.memory(work)  # the batch the run uses, not a guess
     assert make("rtn").flops(work) == 0 and make("rtn").memory(work) == 0
+
+
+def test_forecast_counts_the_float_copies_a_correcting_stage_keeps(tiny_llama_dir, tmp_path):
+    """LoRC and bias correction get a float32 copy of each weight of the block being solved."""
+    from lowbit.calib import calibration_windows
+    from lowbit.engine.pipeline import CalibratedRun, _open, _shape
+    from lowbit.models.targets import default_plan
+    from lowbit.recipe import Recipe
+    from lowbit.schemes import parse_scheme
+
+    scheme = parse_scheme("w4g32")
+    shapes = {}
+    for method in ("gptq", "gptq+lorc", "gptq+bias-correction"):
+        args = CalibratedRun(str(tiny_llama_dir), scheme, tmp_path / "q", Recipe.of(method), samples=2, seq_len=16)
+        model, tokenizer, streamed, _ = _open(args)
+        windows = calibration_windows(tokenizer, "pydoc", 2, 16, model=model)
+        shapes[method] = _shape(model, default_plan(model, scheme), streamed, args, windows)
+    layers = shapes["gptq"].layers
+    assert shapes["gptq"].kept_bytes == 0 and len(layers) == 7
+    assert shapes["gptq+lorc"].kept_bytes == shapes["gptq+bias-correction"].kept_bytes == 4 * sum(r * c for r, c in layers)

@@ -12,7 +12,7 @@ from lowbit.engine.report import RunReport, StageReport
 from lowbit.errors import LowbitError
 from lowbit.qtensor import matrix_view
 from lowbit.quantizer import check_weight
-from lowbit.engine.solve import refine_target, solve_target
+from lowbit.engine.solve import Solved, refine_target, solve_target
 from lowbit.recipe.plan import Pairs, refined_keys
 from lowbit.recipe.recipe import Recipe
 
@@ -31,7 +31,8 @@ def run_data_free(model: nn.Module, recipe: Recipe, per_stage: list[Pairs], prog
     report = RunReport()
     trimmer = HeapTrimmer()
     t_run = time.perf_counter()
-    for stage, pairs in zip(recipe.stages, per_stage):
+    early = _EarlyRefine()
+    for k, (stage, pairs) in enumerate(zip(recipe.stages, per_stage)):
         m = stage.modifier
         sr = StageReport(m.name, m.options(), len(pairs))
         report.stages.append(sr)
@@ -39,9 +40,13 @@ def run_data_free(model: nn.Module, recipe: Recipe, per_stage: list[Pairs], prog
         m.prepare(model)
         modules = dict(model.named_modules())
         if m.refines:
-            sr.done += _refine_all(model, m, pairs, modules, report, progress)
-            sr.seconds = time.perf_counter() - t0
+            sr.done += early.done + _refine_all(model, m, pairs, modules, report, progress, skip=early.keys)
+            sr.seconds = time.perf_counter() - t0 + early.seconds
+            early = _EarlyRefine()
             continue
+        if k + 1 < len(recipe.stages) and recipe.stages[k + 1].modifier.refines:
+            early = _EarlyRefine(recipe.stages[k + 1].modifier, dict((t.key, s) for t, s in per_stage[k + 1]))
+            early.modifier.prepare(model)
         owners = _owners(model)
         for target, scheme in tqdm(pairs, desc=f"{m.name}", unit="tensor", disable=not progress):
             module = modules[target.module_name]
@@ -55,6 +60,7 @@ def run_data_free(model: nn.Module, recipe: Recipe, per_stage: list[Pairs], prog
                 continue
             sr.done += 1
             trimmer.solved(w.numel() * w.element_size())
+            solved = early.refine(target, module, solved, report)
             if solved.qtensor is not None:
                 weight = getattr(module, target.param)
                 for owner, pname in twins:
@@ -65,8 +71,35 @@ def run_data_free(model: nn.Module, recipe: Recipe, per_stage: list[Pairs], prog
     return report
 
 
-def _refine_all(model: nn.Module, m, pairs: Pairs, modules: dict, report: RunReport, progress: bool) -> int:
-    """A refining stage (LoRC) over its pairs; tied twins get the refined tensor too. Returns the count."""
+class _EarlyRefine:
+    """The refining stage (LoRC) that follows a quantizing stage, applied to each tensor right after
+    that stage quantizes it, so that only one float copy is held at a time rather than every
+    targeted weight's until the refining stage starts. The result is the same: in a data-free
+    run each tensor's correction depends on that tensor alone."""
+
+    def __init__(self, modifier=None, schemes: dict | None = None) -> None:
+        self.modifier, self.schemes = modifier, schemes or {}
+        self.keys: set[str] = set()
+        self.done, self.seconds = 0, 0.0
+
+    def refine(self, target, module: nn.Module, solved: Solved, report: RunReport) -> Solved:
+        if solved.qtensor is None or target.key not in self.schemes:
+            return solved
+        t0 = time.perf_counter()
+        refined = refine_target(self.modifier, target, module, self.schemes[target.key], report)
+        self.keys.add(target.key)
+        self.done += 1
+        self.seconds += time.perf_counter() - t0
+        return refined or solved
+
+
+def _refine_all(model: nn.Module, m, pairs: Pairs, modules: dict, report: RunReport, progress: bool,
+                skip: set[str] = frozenset()) -> int:
+    """A refining stage (LoRC) over its pairs but ``skip`` (refined already); tied twins get the
+    refined tensor too. Returns the count."""
+    pairs = [(t, s) for t, s in pairs if t.key not in skip]
+    if not pairs:
+        return 0
     holders: dict[int, list[tuple[nn.Module, str]]] = {}
     for module in model.modules():
         for pname, qt in qtensors(module).items():

@@ -2,7 +2,8 @@
 
 Peak memory = what the process holds now (interpreter, torch, weights outside the blocks or the
 whole model) + one block's weights twice (the original and the dequantized copy that replaces
-each quantized layer) + what the methods hold for one block (each modifier's ``memory``: for
+each quantized layer), plus a float32 copy of them when a later stage corrects the quantized
+weights (LoRC, bias correction) + what the methods hold for one block (each modifier's ``memory``: for
 GPTQ one ``cols × cols`` Hessian per layer and the solver's working set, see
 ``lowbit.modifiers.gptq``) + two generations of hidden states (resident part; twice that when a
 stage keeps the float model's hidden states too) + one batch's intermediate activations, plus
@@ -51,6 +52,7 @@ class Shape:
     method_bytes: int = 0  # the largest ``Modifier.memory`` of the recipe's stages for one block
     method_flops: float = 0.0  # the recipe's stages' ``Modifier.flops`` for one block, summed
     float_generation: bool = False  # a stage keeps the float model's hidden states too
+    kept_bytes: int = 0  # float copies of one block's weights kept for a later stage (LoRC, bias correction)
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ def forecast(s: Shape, act_budget: int, flops_per_s: float) -> Forecast:
     acts_total = 2 * s.tokens * s.hidden * 4 * generations
     parts = {
         "now": s.resident_bytes,
-        "block": 2 * s.block_bytes,
+        "block": 2 * s.block_bytes + s.kept_bytes,
         "method": s.method_bytes,
         "activations": min(acts_total, act_budget * generations) + 6 * s.batch_tokens * max(s.intermediate, s.hidden) * 4,
     }

@@ -119,13 +119,17 @@ def _shape(model: nn.Module, plan: list, streamed: Any, args: CalibratedRun, win
     n_blocks = len(found[1]) if found else 1
     batch_tokens = min(args.batch_size or args.recipe.batch_windows, windows.shape[0]) * windows.shape[1]
     work = BlockWork(layers, windows.numel(), batch_tokens)
+    # a later stage that corrects a quantized weight (LoRC, bias correction) gets its float32 copy,
+    # kept for one block at a time; counted for every layer of the block (errs high)
+    keeps = any(s.modifier.refines or s.modifier.float_weights for s in args.recipe.stages)
+    kept = 4 * sum(r * c for r, c in layers) if keeps else 0
     return Shape(resident_bytes=rss_bytes(), block_bytes=block_bytes, block_params=params, blocks=n_blocks,
                  layers=layers, hidden=hidden, intermediate=max((r for r, _ in layers), default=hidden),
                  tokens=windows.numel(), seq_len=windows.shape[1], batch_tokens=batch_tokens,
                  streamed_bytes=block_bytes * n_blocks * 2 if streamed else 0,
                  method_bytes=max(s.modifier.memory(work) for s in args.recipe.stages),
                  method_flops=sum(s.modifier.flops(work) for s in args.recipe.stages),
-                 float_generation=args.recipe.float_targets)
+                 float_generation=args.recipe.float_targets, kept_bytes=kept)
 
 
 def _save(model: nn.Module, tokenizer: Any, streamed: Any, workdir: Path, args: CalibratedRun) -> None:

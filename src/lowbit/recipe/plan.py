@@ -118,8 +118,9 @@ def refined_keys(recipe: Recipe, per_stage: list[Pairs]) -> frozenset[str]:
 
 
 def _check_refined(recipe: Recipe, per_stage: list[Pairs]) -> None:
-    """A refining stage acts only on tensors that an earlier stage quantizes."""
+    """A refining stage acts only on tensors that an earlier stage quantizes, and once per tensor."""
     quantized: set[str] = set()
+    refined: dict[str, int] = {}
     for i, (stage, pairs) in enumerate(zip(recipe.stages, per_stage)):
         m = stage.modifier
         if m.refines:
@@ -128,6 +129,12 @@ def _check_refined(recipe: Recipe, per_stage: list[Pairs]) -> None:
                 raise LowbitError(f"stage {i + 1} ({m.name}): no earlier stage quantizes {missing[0]}, and method "
                                   f"{m.name} corrects a quantized weight; put a quantizing method before it (e.g. "
                                   f"rtn+{m.name}) or narrow its targets")
+            again = [t.key for t, _ in pairs if t.key in refined]
+            if again:
+                raise LowbitError(f"stage {i + 1} ({m.name}) would correct {again[0]} a second time (stage "
+                                  f"{refined[again[0]]} already does); a tensor takes one correction: drop the "
+                                  f"repeated stage (for a larger correction raise its rank) or narrow its targets")
+            refined.update({t.key: i + 1 for t, _ in pairs})
         elif "weight" in m.produces:
             quantized |= {t.key for t, s in pairs if s.weight is not None}
 
