@@ -224,7 +224,8 @@ def main() -> None:
     cells = quantize_cells(args, root)
     result = {"scheme": args.scheme, "calib": args.calib, "samples": args.samples, "batch": args.batch,
               "cells": cells, **score_cells(cells, root, args.windows)}
-    out = HERE / "out" / f"learned-{safe}{'' if tag == 'pydoc' else '-' + tag}.json"
+    size = "" if (args.samples, args.batch) == (32, 2) else f"-{args.samples}x{args.batch}"
+    out = HERE / "out" / f"learned-{safe}{'' if tag == 'pydoc' else '-' + tag}{size}.json"
     out.write_text(json.dumps(result, indent=1))
     for c in ("pydoc", "prose"):
         print(c, {k: round(v["ratio"], 4) for k, v in result[c]["models"].items()})
