@@ -23,7 +23,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.grid import PowerFormat
 from lowbit.models.targets import default_plan
 from lowbit.modifiers import make
-from lowbit.modifiers.nupes import PowerLinear
+from lowbit.modifiers._nupes_data import PowerLinear
 from lowbit.nn.reference import attach, quantized_tensors
 from lowbit.qat.fakequant import initial_qparams
 from lowbit.quantizer import pack_matrix

@@ -1,12 +1,16 @@
-"""The plumbing every trained block solve shares (LSQ, SignRound): wrap the block's layers, train
-with gradients on the chosen parameters only, score the block, put the layers back.
+"""The outline every trained block solve shares (LSQ, SignRound, AdaRound and MetaAug, NUPES's
+data mode): wrap the block's layers, train with gradients on the chosen parameters only, score
+the block, keep the better of start and result, freeze, put the layers back.
 
-A trained block solve swaps each targeted Linear / GPT-2 Conv1D of a block for a trainable
-wrapper (``wrap``, with a ``make`` callable that builds the wrapper), trains the wrappers'
-parameters on the block-output error against the float block (``training``, ``block_loss``,
-``batch_order``), then freezes each wrapper to its ``QuantizedTensor`` and puts the original
-module back (``put``) with it attached (``attach_frozen``). Tensors that cannot be wrapped (fused
-experts, convolutions) are rounded to nearest by ``wrap`` and listed for the report.
+``solve_wrapped`` is the outline: it swaps each targeted Linear / GPT-2 Conv1D of a block for a
+trainable wrapper (``wrap``, with a ``make`` callable that builds the wrapper), lets the method's
+``fit`` train the wrappers and freeze each to its ``QuantizedTensor``, then puts the original
+modules back (``put``, even when ``fit`` fails) with those attached (``attach_frozen``). Tensors
+that cannot be wrapped (fused experts, convolutions) are rounded to nearest by ``wrap`` and
+listed for the report. Inside ``fit`` the methods share ``training`` (gradients on the trained
+parameters only), ``batch_order``, ``mse`` and ``block_loss`` (the training loss and the block
+error), ``keep_better`` with ``snapshot`` / ``restore`` (train, and go back to the start unless the
+block error fell), and ``forward_with`` (a wrapper's forward with its weight replaced).
 """
 from __future__ import annotations
 
@@ -17,16 +21,18 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from lowbit.errors import LowbitError
 from lowbit.models.targets import targets
 from lowbit.modifiers.base import BlockData
 from lowbit.nn.activation import quantize_input
 from lowbit.nn.reference import attach, qtensors
+from lowbit.qtensor import QuantizedTensor, from_matrix
 from lowbit.quantizer import quantize_weight
 from lowbit.scheme import ActSpec, TensorScheme
 
-#: make(module, scheme, layout, key) -> the trainable wrapper of ``module``
+#: make(module, scheme, layout, key) -> the trainable wrapper of ``module``, which it keeps as ``.inner``
 Make = Callable[[nn.Module, TensorScheme, str, str], nn.Module]
 
 
@@ -38,6 +44,36 @@ class Wrapped:
     key: str
     layer: nn.Module
     scheme: TensorScheme
+
+
+#: fit(wrapped) -> (one frozen QuantizedTensor per wrapped layer, in order; the method's report entries)
+Fit = Callable[[list[Wrapped]], tuple[list[QuantizedTensor], dict[str, Any]]]
+
+
+def solve_wrapped(block: nn.Module, data: BlockData, make: Make, method: str, fit: Fit) -> dict[str, Any]:
+    """Wrap ``data.layers`` with ``make``, run ``fit`` on the wrapped layers, put the original
+    modules back and attach the QuantizedTensors ``fit`` froze.
+
+    Returns the block's report: the keys trained (``layers``) and rounded to nearest (if any),
+    then ``fit``'s own entries; only the first two when no layer could be wrapped (``fit`` is not
+    called). ``method`` names the method in error messages.
+    """
+    if data.fp_out is None:
+        raise LowbitError(f"{method} needs the float block's outputs; run it through lowbit.engine.runner.calibrate")
+    wrapped, rounded = wrap(block, data.layers, make, method)
+    info: dict[str, Any] = {"layers": [w.key for w in wrapped]}
+    if rounded:
+        info["rounded_to_nearest"] = rounded
+    if not wrapped:
+        return info
+    try:
+        frozen, report = fit(wrapped)
+    finally:
+        for w in wrapped:
+            put(block, w.name, w.layer.inner)
+    for w, qt in zip(wrapped, frozen):
+        attach_frozen(w.layer.inner, qt, w.scheme, w.layer.inner.weight.dtype)
+    return {**info, **report}
 
 
 def wrap(block: nn.Module, layers: list, make: Make, method: str) -> tuple[list[Wrapped], list[str]]:
@@ -103,6 +139,42 @@ def batch_order(n: int, steps: int, seed: int = 0) -> list[int]:
     while len(order) < steps:
         order += torch.randperm(n, generator=generator).tolist()
     return order[:steps]
+
+
+def snapshot(params: list[Tensor]) -> list[Tensor]:
+    """Detached copies of ``params``, for ``restore``."""
+    return [p.detach().clone() for p in params]
+
+
+def restore(params: list[Tensor], state: list[Tensor]) -> None:
+    """Copy ``state`` (from ``snapshot``) back into ``params``, in place."""
+    with torch.no_grad():
+        for p, value in zip(params, state):
+            p.copy_(value)
+
+
+def keep_better(score: Callable[[], float], params: list[Tensor],
+                train: Callable[[], None] | None) -> tuple[float, float, bool]:
+    """Score, ``train`` (in place; None: no training), score again; ``params`` go back to their
+    start unless the second score is strictly lower. Returns (before, after, learned), with
+    ``after`` the score after training (``before`` without), whichever is kept."""
+    before = score()
+    if train is None:
+        return before, before, False
+    start = snapshot(params)
+    train()
+    after = score()
+    if not after < before:
+        restore(params, start)
+    return before, after, after < before
+
+
+def forward_with(inner: nn.Module, matrix: Tensor, layout: str, args: tuple, kwargs: dict) -> Any:
+    """``inner``'s forward on ``args`` / ``kwargs`` with its weight replaced by ``matrix`` (the
+    (rows, cols) matrix view in ``layout``, any float dtype; differentiable), reshaped to the
+    weight's shape and cast to its dtype."""
+    w = inner.weight
+    return functional_call(inner, {"weight": from_matrix(matrix, tuple(w.shape), layout).to(w.dtype)}, args, kwargs)
 
 
 def block_loss(block: nn.Module, data: BlockData) -> float:

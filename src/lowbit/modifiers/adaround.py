@@ -47,14 +47,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from lowbit.algorithms.adaround import beta_at, grid_pair, rectified_sigmoid, regularizer, soft
 from lowbit.errors import LowbitError
-from lowbit.modifiers._blockfit import Wrapped, attach_frozen, batch_order, block_loss, put, training, wrap
+from lowbit.modifiers._blockfit import Wrapped, batch_order, block_loss, forward_with, solve_wrapped, training
 from lowbit.modifiers.base import BlockData, BlockWork, Modifier
 from lowbit.qat.fakequant import initial_qparams, store_scale
-from lowbit.qtensor import QuantizedTensor, from_matrix, matrix_view
+from lowbit.qtensor import QuantizedTensor, matrix_view
 from lowbit.quantizer import check_weight, pack_matrix
 from lowbit.scheme import TensorScheme
 from lowbit.spec import QuantSpec
@@ -101,9 +100,7 @@ class AdaRoundLinear(nn.Module):
         return torch.where(p.near == p.up, p.hi, p.lo)
 
     def forward(self, *args, **kwargs):
-        w = self.weight
-        weight = from_matrix(self.matrix(), tuple(w.shape), self.layout).to(w.dtype)
-        return functional_call(self.inner, {"weight": weight}, args, kwargs)
+        return forward_with(self.inner, self.matrix(), self.layout, args, kwargs)
 
     @torch.no_grad()
     def freeze(self, learned: bool = True) -> QuantizedTensor:
@@ -170,33 +167,24 @@ class AdaRound(Modifier):
         (``loss_before``) and of what is stored (``loss_after``), and ``kept`` ("learned" or
         "start"); with ``scope`` "layer", the layer losses before and after too.
         """
-        if data.fp_out is None:
-            raise LowbitError(f"{self.name} needs the float block's outputs; "
-                              "run it through lowbit.engine.runner.calibrate")
-        wrapped, rounded = wrap(block, data.layers, _make, self.name)
-        info: dict[str, Any] = {"layers": [w.key for w in wrapped]}
-        if rounded:
-            info["rounded_to_nearest"] = rounded
-        if not wrapped:
-            return info
-        try:
-            _set_mode(wrapped, "start")
-            before = block_loss(block, data)
-            if self.steps and self.scope == "layer":
-                info["layer_losses"] = self._train_layers(block, wrapped, data)
-            elif self.steps:
-                info.update(self._train_block(block, wrapped, data) or {})
-            _set_mode(wrapped, "hard")
-            after = block_loss(block, data)
-            learned = after < before
-            frozen = [w.layer.freeze(learned) for w in wrapped]
-        finally:
-            for w in wrapped:
-                put(block, w.name, w.layer.inner)
-        for w, qt in zip(wrapped, frozen):
-            attach_frozen(w.layer.inner, qt, w.scheme, w.layer.weight.dtype)
-        return {**info, "steps": self.steps, "scope": self.scope, "loss_before": before,
-                "loss_after": min(after, before), "kept": "learned" if learned else "start"}
+        return solve_wrapped(block, data, _make, self.name, lambda wrapped: self._fit(block, wrapped, data))
+
+    def _fit(self, block: nn.Module, wrapped: list[Wrapped], data: BlockData
+             ) -> tuple[list[QuantizedTensor], dict[str, Any]]:
+        """Score round-to-nearest, train, score the hard rounding; freeze the better of the two."""
+        info: dict[str, Any] = {}
+        _set_mode(wrapped, "start")
+        before = block_loss(block, data)
+        if self.steps and self.scope == "layer":
+            info["layer_losses"] = self._train_layers(block, wrapped, data)
+        elif self.steps:
+            info.update(self._train_block(block, wrapped, data) or {})
+        _set_mode(wrapped, "hard")
+        after = block_loss(block, data)
+        learned = after < before
+        return [w.layer.freeze(learned) for w in wrapped], {
+            **info, "steps": self.steps, "scope": self.scope, "loss_before": before,
+            "loss_after": min(after, before), "kept": "learned" if learned else "start"}
 
     def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         cls = torch.optim.Adam if self.optimizer == "adam" else torch.optim.SGD

@@ -46,13 +46,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.modifiers._blockfit import Wrapped, attach_frozen, batch_order, block_loss, mse, put, training, wrap
+from lowbit.modifiers._blockfit import Wrapped, batch_order, block_loss, keep_better, mse, solve_wrapped, training
 from lowbit.modifiers.base import BlockData, BlockWork, Modifier
 from lowbit.qat.fakequant import check_learnable
 from lowbit.qat.layer import FakeQuantLinear
+from lowbit.qtensor import QuantizedTensor
 from lowbit.scheme import TensorScheme
 
 
@@ -96,31 +97,20 @@ class LSQ(Modifier):
         ``steps``, the block-output MSE over all batches before and after (of what is stored),
         and which scales were ``kept`` ("learned" or "start").
         """
-        if data.fp_out is None:
-            raise LowbitError("lsq needs the float block's outputs; run it through lowbit.engine.runner.calibrate")
-        wrapped, rounded = wrap(block, data.layers, _make, "lsq")
-        info: dict[str, Any] = {"layers": [w.key for w in wrapped]}
-        if rounded:
-            info["rounded_to_nearest"] = rounded
-        if not wrapped:
-            return info
-        weights = [w.layer.weight.detach().clone() for w in wrapped] if self.train_weights and self.steps else []
-        starts = [w.layer.scale.detach().clone() for w in wrapped]  # the initial (RTN) scale grids
-        try:
-            before = after = block_loss(block, data)
-            if self.steps:
-                self._train(block, wrapped, data)
-                after = block_loss(block, data)
-            kept = "learned" if after < before or not self.steps else "start"
-            if kept == "start":
-                _reset(wrapped, starts, weights)
-            frozen = [w.layer.freeze() for w in wrapped]
-        finally:
-            for w in wrapped:
-                put(block, w.name, w.layer.inner)
-        for w, qt in zip(wrapped, frozen):
-            attach_frozen(w.layer.inner, qt, w.scheme, w.layer.weight.dtype)
-        return {**info, "steps": self.steps, "loss_before": before, "loss_after": min(after, before), "kept": kept}
+        return solve_wrapped(block, data, _make, self.name, lambda wrapped: self._fit(block, wrapped, data))
+
+    def _fit(self, block: nn.Module, wrapped: list[Wrapped], data: BlockData
+             ) -> tuple[list[QuantizedTensor], dict[str, Any]]:
+        """Score, train, score; the learned scales (and weights) are kept if the block error fell,
+        or when untrained (``steps`` 0: RTN either way), else the start is put back."""
+        params = [w.layer.scale for w in wrapped]  # starting at the spec's own (RTN) scale grids
+        if self.train_weights:
+            params += [w.layer.weight for w in wrapped]
+        train = (lambda: self._train(block, wrapped, data)) if self.steps else None
+        before, after, learned = keep_better(lambda: block_loss(block, data), params, train)
+        kept = "learned" if learned or not self.steps else "start"
+        return [w.layer.freeze() for w in wrapped], {
+            "steps": self.steps, "loss_before": before, "loss_after": min(after, before), "kept": kept}
 
     def _train(self, block: nn.Module, wrapped: list[Wrapped], data: BlockData) -> None:
         """``steps`` Adam steps on the block-output MSE of one batch each, in place."""
@@ -162,12 +152,3 @@ class LSQ(Modifier):
         20 operations per weight), and two scoring passes over all tokens (loss before and after)."""
         weights = sum(r * c for r, c in work.layers)
         return float(self.steps * (6 * weights * work.batch_tokens + 20 * weights) + 2 * 2 * weights * work.tokens)
-
-
-def _reset(wrapped: list[Wrapped], starts: list[Tensor], weights: list[Tensor]) -> None:
-    """Put the initial scales (and weights, if they were trained) back."""
-    with torch.no_grad():
-        for w, start in zip(wrapped, starts):
-            w.layer.scale.copy_(start)
-        for w, start in zip(wrapped, weights):
-            w.layer.weight.copy_(start)

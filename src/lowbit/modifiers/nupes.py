@@ -5,14 +5,14 @@ arXiv:2308.05600; its data-free predecessor "PowerQuant", arXiv:2301.09858), in 
 ``||W − D(Q_a(W))||²`` (``lowbit.algorithms.nupes.search_exponent``), recorded in the spec as
 ``PowerFormat(bits, a)``.
 
-``mode="data"`` (``--mode data``, with calibration data): a block solve. Per block, every targeted
-Linear / GPT-2 Conv1D starts from the data-free solution (its searched exponent, its codes) and
-learns, with Adam (the gradient-based PTQ study's advice, shared/papers/METHODS.md §8), its
-exponent ``a`` and a free offset per weight in the power domain
-(``lowbit.algorithms.nupes_data``), on the mean squared error between the block's output on the
-quantized model's inputs and the float block's output. Then each layer is frozen to codes on
-``PowerFormat(bits, a_learned)``, its spec recording the learned exponent as the data-free mode
-records its own.
+``mode="data"`` (``--mode data``, with calibration data): a block solve
+(``lowbit.modifiers._nupes_data``). Per block, every targeted Linear / GPT-2 Conv1D starts from
+the data-free solution (its searched exponent, its codes) and learns, with Adam (the
+gradient-based PTQ study's advice, shared/papers/METHODS.md §8), its exponent ``a`` and a free
+offset per weight in the power domain (``lowbit.algorithms.nupes_data``), on the mean squared
+error between the block's output on the quantized model's inputs and the float block's output.
+Then each layer is frozen to codes on ``PowerFormat(bits, a_learned)``, its spec recording the
+learned exponent as the data-free mode records its own.
 
 ==================  ===============================================================
 choice              value (and why)
@@ -39,68 +39,19 @@ digits-MLP and a tiny Llama, not measured on a real LLM.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from lowbit.algorithms.nupes import search_exponent
-from lowbit.algorithms.nupes_data import exponent, offset_bounds, power_codes, power_fake_quantize
 from lowbit.errors import LowbitError
 from lowbit.formats.grid import PowerFormat
-from lowbit.models.targets import targets
-from lowbit.modifiers._blockfit import Wrapped, attach_frozen, batch_order, block_loss, mse, put, training, wrap
+from lowbit.modifiers._nupes_data import searched, solve_data
 from lowbit.modifiers.base import BlockData, BlockWork, LayerResult, Modifier, tensor_scale
-from lowbit.qat.fakequant import initial_qparams
-from lowbit.qtensor import QuantizedTensor, from_matrix, matrix_view
-from lowbit.quantizer import check_weight, pack_matrix, quantize_matrix
+from lowbit.quantizer import quantize_matrix
 from lowbit.scheme import TensorScheme
-from lowbit.spec import QuantSpec
 
 MODES = ("free", "data")
-
-
-class PowerLinear(nn.Module):
-    """Wraps ``inner`` (an ``nn.Linear`` (out, in) or a GPT-2 ``Conv1D`` (in, out)) and computes its
-    forward with the power quantization of ``W`` (the float32 matrix view, rows × cols).
-
-    spec: ``PowerFormat(bits, a0)`` at its granularity, ``a0`` the data-free exponent; scale: the
-    (grid_rows, grid_cols) float32 stored block scales, fixed; v: (rows, cols) float32 offsets in
-    levels; u: the 0-dim float64 exponent variable (``a = exponent(u, a0)``).
-    """
-
-    def __init__(self, inner: nn.Module, spec: QuantSpec, W: Tensor, layout: str) -> None:
-        super().__init__()
-        self.inner, self.spec, self.layout, self.a0 = inner, spec, layout, spec.format.a
-        self.register_buffer("W", W)
-        self.register_buffer("scale", initial_qparams(W, spec)[0])
-        self.v = nn.Parameter(torch.zeros_like(W))
-        self.u = nn.Parameter(torch.zeros((), dtype=torch.float64))
-
-    @property
-    def a(self) -> float:
-        return float(exponent(self.u.detach(), self.a0))
-
-    def forward(self, *args, **kwargs):
-        w = self.inner.weight
-        q = power_fake_quantize(self.W, self.spec, self.scale, exponent(self.u, self.a0), self.v)  # (rows, cols)
-        return functional_call(self.inner, {"weight": from_matrix(q, tuple(w.shape), self.layout).to(w.dtype)},
-                               args, kwargs)
-
-    @torch.no_grad()
-    def project(self) -> None:
-        """Keep every offset where it can still change its code (``offset_bounds``)."""
-        lo, hi = offset_bounds(self.W, self.spec, self.scale, self.a)
-        self.v.copy_(torch.minimum(torch.maximum(self.v, lo), hi))
-
-    @torch.no_grad()
-    def freeze(self) -> QuantizedTensor:
-        a = self.a
-        spec = replace(self.spec, format=PowerFormat(self.spec.format.bits, a))
-        codes = power_codes(self.W, spec, self.scale, a, self.v)
-        return pack_matrix(spec, tuple(self.inner.weight.shape), self.layout, codes, self.scale, None, None)
 
 
 @dataclass(frozen=True)
@@ -153,7 +104,7 @@ class NUPES(Modifier):
                     global_scale: Tensor | None = None) -> LayerResult:
         """W (rows, cols) float32 -> codes on ``PowerFormat(bits, a)`` with this tensor's ``a``."""
         self.check_scheme(scheme)
-        spec = _searched(W, scheme.weight)
+        spec = searched(W, scheme.weight)
         gscale = tensor_scale(spec, W, global_scale)
         codes, scale, zero = quantize_matrix(W, spec, gscale)
         return LayerResult(spec, codes, scale, zero, gscale, info={"exponent": spec.format.a})
@@ -164,57 +115,7 @@ class NUPES(Modifier):
         to nearest, ``steps``, the block-output MSE over all batches at the start (the data-free
         solution) and at the end, which parameters were ``kept`` ("learned" or "start") and each
         trained tensor's ``exponents`` [start, end]."""
-        if data.fp_out is None:
-            raise LowbitError("nupes mode data needs the float block's outputs; run it through "
-                              "lowbit.engine.runner.calibrate")
-        layers = _start_exponents(block, data.layers)
-
-        def make(module: nn.Module, scheme: TensorScheme, layout: str, key: str) -> PowerLinear:
-            W = matrix_view(module.weight.detach().to(torch.float32), layout)  # (rows, cols)
-            return PowerLinear(module, scheme.weight, W, layout)
-
-        wrapped, rounded = wrap(block, layers, make, self.name)
-        info: dict[str, Any] = {"layers": [w.key for w in wrapped]}
-        if rounded:
-            info["rounded_to_nearest"] = rounded
-        if not wrapped:
-            return info
-        try:
-            before = after = block_loss(block, data)
-            kept = "start"
-            if self.steps:
-                start = _state(wrapped)
-                self._train(block, wrapped, data)
-                after = block_loss(block, data)
-                if after < before:
-                    kept = "learned"
-                else:
-                    _load(wrapped, start)
-            exponents = {w.key: [w.layer.a0, w.layer.a] for w in wrapped}
-            frozen = [w.layer.freeze() for w in wrapped]
-        finally:
-            for w in wrapped:
-                put(block, w.name, w.layer.inner)
-        for w, qt in zip(wrapped, frozen):
-            attach_frozen(w.layer.inner, qt, w.scheme, w.layer.inner.weight.dtype)
-        return {**info, "steps": self.steps, "loss_before": before, "loss_after": min(after, before), "kept": kept,
-                "exponents": exponents}
-
-    def _train(self, block: nn.Module, wrapped: list[Wrapped], data: BlockData) -> None:
-        """``steps`` Adam steps on the block-output MSE of one batch each, in place."""
-        groups = [{"params": [w.layer.v for w in wrapped], "lr": self.lr},
-                  {"params": [w.layer.u for w in wrapped], "lr": self.exponent_lr}]
-        optimizer = torch.optim.Adam(groups)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.steps)
-        with training(block, [p for g in groups for p in g["params"]]):
-            for j in batch_order(len(data.calls), self.steps):
-                loss = mse(data.calls[j].run(block, data.q_in[j]), data.fp_out[j])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                for w in wrapped:
-                    w.layer.project()
+        return solve_data(block, data, self.steps, self.lr, self.exponent_lr)
 
     def memory(self, work: BlockWork) -> int:
         """Bytes held while training one block (0 in mode "free", beyond the engine's own).
@@ -243,35 +144,3 @@ class NUPES(Modifier):
             return float(search)
         return float(search + self.steps * (6 * weights * work.batch_tokens + 80 * weights)
                      + 2 * 2 * weights * work.tokens)
-
-
-def _searched(W: Tensor, spec: QuantSpec) -> QuantSpec:
-    """``spec`` with its format replaced by ``PowerFormat(bits, a)``, ``a`` searched on W."""
-    a = search_exponent(W, spec.format.bits, spec.granularity, scale_dtype=spec.scale_dtype)
-    return replace(spec, format=PowerFormat(spec.format.bits, a))
-
-
-def _start_exponents(block: nn.Module, layers: list) -> list:
-    """``layers`` (key, module, param, scheme) with each scheme's weight format replaced by the
-    data-free solution's ``PowerFormat(bits, a)``, searched on that tensor's matrix view."""
-    names = {id(m): n for n, m in block.named_modules()}
-    known = {(t.module_name, t.param): t for t in targets(block)}
-    out = []
-    for key, module, param, scheme in layers:
-        target = known.get((names.get(id(module)), param))
-        if target is None:
-            raise LowbitError(f"{key} is not a quantizable tensor of the block being solved")
-        W = matrix_view(getattr(module, param).detach().to(torch.float32), target.layout)  # (rows, cols)
-        check_weight(W, scheme.weight, *W.shape, key)
-        out.append((key, module, param, replace(scheme, weight=_searched(W, scheme.weight))))
-    return out
-
-
-def _state(wrapped: list[Wrapped]) -> list[Tensor]:
-    return [p.detach().clone() for w in wrapped for p in (w.layer.v, w.layer.u)]
-
-
-def _load(wrapped: list[Wrapped], state: list[Tensor]) -> None:
-    with torch.no_grad():
-        for p, value in zip([p for w in wrapped for p in (w.layer.v, w.layer.u)], state):
-            p.copy_(value)

@@ -44,16 +44,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from lowbit.algorithms import gptq as gptq_algo
 from lowbit.algorithms._hessian import HessianStats
 from lowbit.algorithms.signround import Start, clip_params, signed_step, signround_codes, signround_quantize
 from lowbit.errors import LowbitError
-from lowbit.modifiers._blockfit import Wrapped, attach_frozen, batch_order, block_loss, mse, put, training, wrap
+from lowbit.modifiers._blockfit import (Wrapped, batch_order, block_loss, forward_with, keep_better, mse, solve_wrapped,
+                                       training)
 from lowbit.modifiers.base import BlockData, BlockWork, Modifier
 from lowbit.qat.fakequant import initial_qparams
-from lowbit.qtensor import QuantizedTensor, from_matrix, matrix_view
+from lowbit.qtensor import QuantizedTensor, matrix_view
 from lowbit.quantizer import check_weight, pack_matrix
 from lowbit.scheme import TensorScheme
 from lowbit.spec import QuantSpec
@@ -87,10 +87,8 @@ class RoundingLinear(nn.Module):
         return [p for p, _, _ in self.bounds]
 
     def forward(self, *args, **kwargs):
-        w = self.inner.weight
         q = signround_quantize(self.W, self.spec, self.start, self.v, self.alpha, self.beta)  # (rows, cols)
-        return functional_call(self.inner, {"weight": from_matrix(q, tuple(w.shape), self.layout).to(w.dtype)},
-                               args, kwargs)
+        return forward_with(self.inner, q, self.layout, args, kwargs)
 
     @torch.no_grad()
     def freeze(self) -> QuantizedTensor:
@@ -132,8 +130,6 @@ class SignRound(Modifier):
         ``steps``, the block-output MSE on the guard's batches at the start and at the end, and
         which parameters were ``kept`` ("learned" or "start").
         """
-        if data.fp_out is None:
-            raise LowbitError("signround needs the float block's outputs; run it through lowbit.engine.runner.calibrate")
         starts = _gptq_starts(block, data, self.damp) if self.init == "gptq" else {}
 
         def make(module: nn.Module, scheme: TensorScheme, layout: str, key: str) -> RoundingLinear:
@@ -142,32 +138,16 @@ class SignRound(Modifier):
             W, start = starts.get(key) or (W, Start(*initial_qparams(W, scheme.weight)))
             return RoundingLinear(module, scheme.weight, W, start, layout, key, self.clip_min)
 
-        wrapped, rounded = wrap(block, data.layers, make, self.name)
-        info: dict[str, Any] = {"layers": [w.key for w in wrapped]}
-        if rounded:
-            info["rounded_to_nearest"] = rounded
-        if not wrapped:
-            return info
-        guard = replace(data, calls=data.calls[:GUARD_BATCHES])
-        try:
-            before = after = block_loss(block, guard)
-            kept = "start"
-            if self.steps:
-                start = _state(wrapped)
-                self._train(block, wrapped, data)
-                after = block_loss(block, guard)
-                if after < before:
-                    kept = "learned"
-                else:
-                    _load(wrapped, start)
-            frozen = [w.layer.freeze() for w in wrapped]
-        finally:
-            for w in wrapped:
-                put(block, w.name, w.layer.inner)
-        for w, qt in zip(wrapped, frozen):
-            attach_frozen(w.layer.inner, qt, w.scheme, w.layer.inner.weight.dtype)
-        return {**info, "init": self.init, "steps": self.steps, "loss_before": before,
-                "loss_after": min(after, before), "kept": kept}
+        def fit(wrapped: list[Wrapped]) -> tuple[list[QuantizedTensor], dict[str, Any]]:
+            guard = replace(data, calls=data.calls[:GUARD_BATCHES])
+            params = [p for w in wrapped for p in w.layer.learned]
+            train = (lambda: self._train(block, wrapped, data)) if self.steps else None
+            before, after, learned = keep_better(lambda: block_loss(block, guard), params, train)
+            return [w.layer.freeze() for w in wrapped], {
+                "init": self.init, "steps": self.steps, "loss_before": before, "loss_after": min(after, before),
+                "kept": "learned" if learned else "start"}
+
+        return solve_wrapped(block, data, make, self.name, fit)
 
     def _train(self, block: nn.Module, wrapped: list[Wrapped], data: BlockData) -> None:
         """``steps`` signed-gradient steps in place, one batch each, the step size decayed linearly."""
@@ -204,16 +184,6 @@ class SignRound(Modifier):
         if self.init == "gptq":
             total += sum(2 * work.tokens * c * c + 2 * r * c * c + 2 * c ** 3 for r, c in work.layers)
         return float(total)
-
-
-def _state(wrapped: list[Wrapped]) -> list[Tensor]:
-    return [p.detach().clone() for w in wrapped for p in w.layer.learned]
-
-
-def _load(wrapped: list[Wrapped], state: list[Tensor]) -> None:
-    with torch.no_grad():
-        for p, value in zip([p for w in wrapped for p in w.layer.learned], state):
-            p.copy_(value)
 
 
 def _gptq_starts(block: nn.Module, data: BlockData, damp: float) -> dict[str, tuple[Tensor, Start]]:
