@@ -257,3 +257,20 @@ def test_untrained_is_the_data_free_result_on_conv1d_and_fused_experts(family, s
     assert same(tensors(model), tensors(free))
     rounded = [k for b in report.stages[0].blocks for k in b.get("rounded_to_nearest", [])]
     assert bool(rounded) == (family == "mixtral") and all(".experts." in k for k in rounded)
+
+
+def test_a_tensor_outside_the_blocks_gets_the_data_free_exponent_search(single_thread):
+    """The untied lm_head has no block data: it is solved by the data-free mode (its searched
+    exponent), not rounded to nearest on the scheme's own exponent, and the report says so."""
+    from lowbit.scheme import Rule
+
+    scheme = parse_tensor_scheme("pow3_a0.5:channel")
+    rules = [Rule(r"lm_head$", scheme)] + default_plan(tiny_llama(), scheme)
+    model = tiny_llama()
+    report = calibrate(model, rules, make("nupes", mode="data", steps=2), batches(2), progress=False)
+    free = lowbit.quantize(tiny_llama(), [Rule(r"lm_head$", scheme)], method="nupes", progress=False)
+    assert same({"h": tensors(model)["lm_head"]}, {"h": tensors(free)["lm_head"]})
+    head = next(qt for name, _, qt, _ in quantized_tensors(model) if name == "lm_head")
+    assert head.spec.format.a != 0.5  # the search moved the exponent: rounding to nearest keeps 0.5
+    assert any(f.startswith("lm_head: outside the repeated blocks, solved by nupes's data-free method")
+               for f in report.fallbacks), report.fallbacks

@@ -18,6 +18,7 @@ from disk once.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -233,13 +234,18 @@ def _fallback(model: nn.Module, target: Any, scheme: Any, report: RunReport, why
 
 def _solve_outside(model: nn.Module, recipe: Recipe, outside: list[Pairs], report: RunReport,
                    keep: frozenset[str] = frozenset()) -> None:
-    """Tensors outside the blocks: data-free stages solve them; data stages round them to nearest."""
+    """Tensors outside the blocks: data-free stages solve them; a data stage hands them to its
+    data-free method (``Modifier.outside``) if it has one, else rounds them to nearest."""
     for stage, pairs in zip(recipe.stages, outside):
         if not pairs:
             continue
-        if not stage.modifier.needs_data:
-            sub = run_data_free(model, Recipe((stage,)), [pairs], progress=False, keep=keep)
+        alone = stage.modifier.outside() if stage.modifier.needs_data else stage.modifier
+        if alone is not None:
+            sub = run_data_free(model, Recipe((replace(stage, modifier=alone),)), [pairs], progress=False, keep=keep)
             report.layers += sub.layers
+            if alone is not stage.modifier:
+                report.fallbacks += [f"{t.key}: outside the repeated blocks, solved by {stage.modifier.name}'s "
+                                     "data-free method" for t, _ in pairs]
             continue
         modules = dict(model.named_modules())
         for target, scheme in pairs:

@@ -23,6 +23,8 @@ hook               when the engine calls it
                    ``QuantizedTensor`` (LoRC adds low-rank factors)
 ``solve_block``    per block, with the float block's inputs and outputs and the
                    quantized model's inputs (``BlockData``); changes the block in place
+``outside``        (block solves) the data-free method for targeted tensors outside the
+                   repeated blocks; default None: rounded to nearest
 ``memory``         bytes the method holds for a block (``BlockWork``: its layers'
                    (rows, cols), the calibration tokens); feeds the forecast
 ``flops``          floating-point operations of the method's own work on a block (not
@@ -183,6 +185,12 @@ class Modifier:
         solved (each counted as solved), and ``rounded_to_nearest``, those it rounded to nearest
         instead (each reported as a fallback).
         """
+        return None
+
+    def outside(self) -> "Modifier | None":
+        """(block-solving methods) The data-free method that solves the targeted tensors outside
+        the repeated blocks (an untied lm_head), where no block data exists. Default None: they
+        are rounded to nearest and reported as fallbacks."""
         return None
 
     def memory(self, work: BlockWork) -> int:

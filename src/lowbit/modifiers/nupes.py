@@ -39,7 +39,7 @@ digits-MLP and a tiny Llama, not measured on a real LLM.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import Tensor, nn
@@ -93,6 +93,10 @@ class NUPES(Modifier):
     @property
     def has_block_solve(self) -> bool:
         return self.mode == "data"
+
+    def outside(self) -> "NUPES | None":
+        """Tensors outside the blocks (an untied lm_head) get the data-free mode's exponent search."""
+        return replace(self, mode="free") if self.mode == "data" else None
 
     def check_scheme(self, scheme: TensorScheme) -> None:
         fmt = scheme.weight.format
