@@ -12,8 +12,8 @@ Each cell is ``LABEL=METHOD[:k=v,...]`` or one of the names in ``CELLS`` (e.g. `
 ``--samples`` calibration windows of 512 tokens (``--batch`` windows per step or forward),
 timed and measured for peak memory (``bench/rss.py``) through ``lowbit quantize`` (whose
 report gives the forecast peak beside the measured one), and saved under
-``bench/out/learned/<scheme>/<label>/``; a cell whose folder is there is reused (delete it to
-redo). Then fp32 and every cell are scored on the same ``--windows`` windows of pydoc and of
+``bench/out/learned/<scheme>-<calib>-<samples>x<batch>/<label>/``; a cell whose folder is there is
+reused, and so are its scores (delete the folder to redo). Then fp32 and every cell are scored on the same ``--windows`` windows of pydoc and of
 prose (not calibrated on: out of domain), and each cell is paired window by window against RTN:
 ``Δ log ppl`` with its 95% interval (1.96 standard errors over windows) and the share of RTN's gap to
 fp32 it closes. Writes ``bench/out/learned-<scheme>.json`` and the section of BENCHMARKS.md between
@@ -137,6 +137,12 @@ def score_cells(cells: dict[str, dict], root: Path, windows: int) -> dict:
               for c in wins}
     kls = {c: {} for c in wins}
     for label in cells:
+        cached = root / label / f"bench-scores-{windows}.json"  # a cell's scores on these windows, kept
+        if cached.exists():
+            saved = json.loads(cached.read_text())
+            for c in wins:
+                scores[c][label], kls[c][label] = saved[c]["nll"], saved[c]["kl"]
+            continue
         model = lowbit.load(root / label, packed=False).eval()
         for c, ws in wins.items():
             nll, kl = [], 0.0
@@ -146,6 +152,7 @@ def score_cells(cells: dict[str, dict], root: Path, windows: int) -> dict:
                 kl += float(token_kl(logp, ref).double().sum())
             scores[c][label] = nll
             kls[c][label] = kl / (ws.shape[0] * (ws.shape[1] - 1))
+        cached.write_text(json.dumps({c: {"nll": scores[c][label], "kl": kls[c][label]} for c in wins}))
         del model
     return {c: summarize(scores[c], kls[c], wins[c].shape[0] * (wins[c].shape[1] - 1)) for c in wins}
 
