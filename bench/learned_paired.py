@@ -13,7 +13,8 @@ Each cell is ``LABEL=METHOD[:k=v,...]`` or one of the names in ``CELLS`` (e.g. `
 timed and measured for peak memory (``bench/rss.py``) through ``lowbit quantize`` (whose
 report gives the forecast peak beside the measured one), and saved under
 ``bench/out/learned/<scheme>-<calib>-<samples>x<batch>/<label>/``; a cell whose folder is there is
-reused, and so are its scores (delete the folder to redo). Then fp32 and every cell are scored on the same ``--windows`` windows of pydoc and of
+reused, and so are its scores (delete the folder to redo); the cells of an earlier run on the same
+scheme, calibration and windows that a run does not name are kept in its results. Then fp32 and every cell are scored on the same ``--windows`` windows of pydoc and of
 prose (not calibrated on: out of domain), and each cell is paired window by window against RTN:
 ``Δ log ppl`` with its 95% interval (1.96 standard errors over windows) and the share of RTN's gap to
 fp32 it closes. Writes ``bench/out/learned-<scheme>.json`` and the section of BENCHMARKS.md between
@@ -171,6 +172,21 @@ def summarize(nll: dict[str, list[float]], kl: dict[str, float], tokens: int) ->
     return out
 
 
+def merge_earlier(result: dict, path: Path) -> None:
+    """Keep the cells of an earlier run of the same scheme, calibration and windows that this run
+    did not name: their figures are paired against the same RTN on the same windows."""
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    if old["pydoc"]["windows"] != result["pydoc"]["windows"] or old["pydoc"]["tokens"] != result["pydoc"]["tokens"]:
+        return
+    for label, cell in old["cells"].items():
+        if label not in result["cells"]:
+            result["cells"][label] = cell
+            for c in ("pydoc", "prose"):
+                result[c]["models"][label] = old[c]["models"][label]
+
+
 def write_markdown(path: Path = HERE.parent / "BENCHMARKS.md") -> None:
     lines = [
         MARK_BEGIN,
@@ -233,6 +249,7 @@ def main() -> None:
               "cells": cells, **score_cells(cells, root, args.windows)}
     size = "" if (args.samples, args.batch) == (32, 2) else f"-{args.samples}x{args.batch}"
     out = HERE / "out" / f"learned-{safe}{'' if tag == 'pydoc' else '-' + tag}{size}.json"
+    merge_earlier(result, out)
     out.write_text(json.dumps(result, indent=1))
     for c in ("pydoc", "prose"):
         print(c, {k: round(v["ratio"], 4) for k, v in result[c]["models"].items()})
