@@ -134,6 +134,21 @@ def test_forecast_errs_high_on_a_tiny_run(tiny_llama_dir, tmp_path):
     assert 0 < numbers["peak_rss_bytes"] <= numbers["forecast_bytes"], numbers
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc only")
+@pytest.mark.parametrize("method", [("adaround", "--steps", "3"), ("nupes", "--mode", "data", "--steps", "3"),
+                                    ("gptq+lorc",), ("gptq+bias-correction",), ("signround+lorc", "--steps", "2")])
+def test_learned_and_correcting_methods_peak_under_the_forecast(tiny_llama_dir, tmp_path, method):
+    report = tmp_path / "numbers.json"
+    code = "import sys; from lowbit.cli import main; sys.argv = ['lowbit', *sys.argv[1:]]; main()"
+    scheme = "pow3_a0.5:g32" if method[0] == "nupes" else "uint4:g32"
+    r = subprocess.run([sys.executable, "-c", code, "quantize", str(tiny_llama_dir), "--out", str(tmp_path / "q"),
+                        "--method", *method, "--scheme", scheme, "--samples", "4", "--seq-len", "32",
+                        "--batch-size", "2", "--report", str(report)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    numbers = json.loads(report.read_text())
+    assert 0 < numbers["peak_rss_bytes"] <= numbers["forecast_bytes"], numbers
+
+
 def test_time_forecast_counts_the_engine_forwards_and_each_methods_own_work():
     from dataclasses import replace
 
