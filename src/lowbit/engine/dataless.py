@@ -37,7 +37,8 @@ def run_data_free(model: nn.Module, recipe: Recipe, per_stage: list[Pairs], prog
         sr = StageReport(m.name, m.options(), len(pairs))
         report.stages.append(sr)
         t0 = time.perf_counter()
-        m.prepare(model)
+        if m is not early.modifier:  # a refining stage that ran early was prepared then
+            m.prepare(model)
         modules = dict(model.named_modules())
         if m.refines:
             sr.done += early.done + _refine_all(model, m, pairs, modules, report, progress, skip=early.keys)
