@@ -192,10 +192,11 @@ def write_markdown(path: Path = HERE.parent / "BENCHMARKS.md") -> None:
         MARK_BEGIN,
         "### Learned rounding: paired comparisons against round-to-nearest",
         "",
-        "Reproduce: `python3 bench/learned_paired.py --scheme SCHEME --cells CELLS --windows W` (SmolLM2-135M; "
-        "every cell calibrated on the same pydoc windows, its own `lowbit quantize` process; quantize s is the run "
-        "without loading and saving, peak RSS the process tree's, forecast the run's own peak forecast; "
-        "prose is out of domain). Δ is the cell's log perplexity minus RTN's, paired window by window, "
+        "Reproduce: `python3 bench/learned_paired.py --scheme SCHEME --cells CELLS --calib CALIB --samples N` "
+        "(SmolLM2-135M; the cells of a table share its calibration windows, `prose` meaning the prose corpus's "
+        "calibration half, which no evaluation window contains; each cell is its own `lowbit quantize` process; "
+        "quantize s is the run without loading and saving, peak RSS the process tree's, forecast the run's own peak "
+        "forecast; prose is out of domain unless the calibration has prose). Δ is the cell's log perplexity minus RTN's, paired window by window, "
         "± the 95% interval; \"gap closed\" is the share of RTN's log-perplexity gap to fp32 removed. "
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}.",
     ]
