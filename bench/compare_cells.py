@@ -39,9 +39,10 @@ class Cell:
         return f"{self.tool}:" + re.sub(r"[^a-z0-9]+", "-", self.method.lower()).strip("-")
 
 
-def _lowbit(method: str, scheme: str, bits: int, gptq: bool = False, note: str = "", solver: str = "") -> Cell:
+def _lowbit(method: str, scheme: str, bits: int, gptq: bool = False, note: str = "", solver: str = "",
+            extra: tuple[str, ...] = ()) -> Cell:
     solver = solver or ("gptq" if gptq else "rtn")
-    return Cell("lowbit", method, bits, ("--scheme", scheme, "--method", solver), calibrated=solver != "rtn",
+    return Cell("lowbit", method, bits, ("--scheme", scheme, "--method", solver) + extra, calibrated=solver != "rtn",
                 note=note)
 
 
@@ -60,6 +61,12 @@ LOWBIT = [
     _lowbit("GPTQ w4g64 HQQ zero", "uint4_fz:g64:hqq", 4, gptq=True),
     _lowbit("SignRound w4g64 sym", "w4g64", 4, solver="signround",
             note="lowbit's SignRound with its defaults: 50 signed-gradient steps per block of 2 windows each"),
+    _lowbit("SignRound w4g64 sym, fp32 training", "w4g64", 4, solver="signround", extra=("--set", "compute=fp32"),
+            note="the training passes in float32 (SignRound's compute before bf16 became its default)"),
+    _lowbit("SignRound w4g64 sym, auto-round's light settings", "w4g64", 4, solver="signround",
+            extra=("--set", "lr=0.005", "--batch", "8"),
+            note="lowbit's SignRound set as auto-round's light recipe: 50 steps of 8 windows, lr 5e-3"),
+    _lowbit("SignRound w4g64 sym, 100 steps", "w4g64", 4, solver="signround", extra=("--set", "steps=100")),
     _lowbit("RTN w3g64 asym", "w3g64-asym", 3),
     _lowbit("HQQ w3g64 (data-free)", "uint3_fz:g64:hqq", 3),
     _lowbit("GPTQ w3g64 asym", "w3g64-asym", 3, gptq=True),

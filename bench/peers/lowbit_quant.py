@@ -26,6 +26,9 @@ def main() -> None:
                     help="a weight method, or a pruning method with a sparsity scheme (s=50%%, s=2:4)")
     ap.add_argument("--damp", type=float, default=None, help="GPTQ dampening (default: lowbit's)")
     ap.add_argument("--no-act-order", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a method option, e.g. --set compute=bf16 --set steps=100 (repeatable)")
+    ap.add_argument("--batch", type=int, default=None, help="calibration windows per batch (default: the method's)")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -52,6 +55,9 @@ def main() -> None:
         options = {"damp": DEFAULT_DAMP if args.damp is None else args.damp, "act_order": not args.no_act_order}
     elif args.method == "sparsegpt" and args.damp is not None:
         options = {"damp": args.damp}
+    options.update(_option(kv) for kv in args.set)
+    if args.batch is not None and calib is not None:
+        calib = list(calib.split(args.batch))
     t0 = time.perf_counter()
     lowbit.quantize(loaded.model, args.scheme, method=args.method, calib=calib, progress=False, **options)
     seconds = time.perf_counter() - t0
@@ -64,7 +70,19 @@ def main() -> None:
     finish(args.out, model, args.work, tool="lowbit", version=lowbit.__version__, quantize_seconds=seconds,
            bpw=32.0 if bpw is None else bpw, saved=saved, peak_rss_mb=peak, sparsity=_sparsity(saved),
            settings={"scheme": args.scheme, "method": args.method, **options,
-                     "samples": 0 if calib is None else int(calib.shape[0])})
+                     "samples": 0 if calib is None else sum(int(b.shape[0]) for b in calib),
+                     **({"batch": args.batch} if args.batch else {})})
+
+
+def _option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as an int, then a float, else kept as text."""
+    key, _, value = text.partition("=")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
 
 
 def _sparsity(folder: Path) -> float | None:

@@ -59,6 +59,7 @@ from lowbit.scheme import TensorScheme
 from lowbit.spec import QuantSpec
 
 INITS = ("rtn", "gptq")
+COMPUTES = ("bf16", "fp32")
 #: calibration batches the start and the result are scored on (the first ones): the guard
 GUARD_BATCHES = 4
 
@@ -106,6 +107,7 @@ class SignRound(Modifier):
     clip_min: float = 0.5  # lower bound of the clipping multipliers (1 turns clipping off)
     init: str = "rtn"  # "rtn" (the spec's own grids, HQQ's zero for :hqq) or "gptq"
     damp: float = gptq_algo.GPTQ.damp  # GPTQ's dampening, with init="gptq"
+    compute: str = "bf16"  # the training passes' matmul dtype: "bf16" (autocast) or "fp32"
 
     name = "signround"
     batch_windows = 2  # windows per step unless --batch-size says: measured, see the module docstring
@@ -120,6 +122,8 @@ class SignRound(Modifier):
             raise LowbitError(f"signround lr must be a positive number (or unset for 1/steps), got {self.lr!r}")
         if not isinstance(self.clip_min, (int, float)) or not 0 < self.clip_min <= 1:
             raise LowbitError(f"signround clip_min must be in (0, 1] (1 turns clipping off), got {self.clip_min!r}")
+        if self.compute not in COMPUTES:
+            raise LowbitError(f"signround compute {self.compute!r} is unknown; use one of {', '.join(COMPUTES)}")
         if self.init not in INITS:
             raise LowbitError(f"signround init {self.init!r} is unknown; use one of {', '.join(INITS)}")
 
@@ -153,9 +157,12 @@ class SignRound(Modifier):
         """``steps`` signed-gradient steps in place, one batch each, the step size decayed linearly."""
         bounds = [b for w in wrapped for b in w.layer.bounds]
         lr = self.lr if self.lr is not None else 1.0 / self.steps
+        device = data.q_in[0].device.type
         with training(block, [p for p, _, _ in bounds]):
             for t, j in enumerate(batch_order(len(data.calls), self.steps)):
-                loss = mse(data.calls[j].run(block, data.q_in[j]), data.fp_out[j])
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=self.compute == "bf16"):
+                    out = data.calls[j].run(block, data.q_in[j])
+                loss = mse(out, data.fp_out[j])
                 for p, _, _ in bounds:
                     p.grad = None
                 loss.backward()
