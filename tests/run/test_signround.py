@@ -149,6 +149,30 @@ def test_signround_lowers_block_errors_and_the_models_kl(scheme, single_thread):
         assert kl_to_float(model, held_out) < 0.8 * kl_to_float(rtn, held_out)
 
 
+def test_bf16_training_runs_the_matmuls_in_bf16_and_learns_as_well_as_fp32(single_thread):
+    """The default trains under bf16 autocast (the layers' outputs are bf16 during the steps);
+    fp32 trains in float32; both lower the block errors by about as much."""
+    seen = {}
+
+    def record(compute):
+        model = tiny_llama()
+        down = model.model.layers[0].mlp.down_proj
+        hook = down.register_forward_hook(lambda m, a, out: seen.setdefault(compute, set()).add(out.dtype)
+                                          if torch.is_grad_enabled() else None)
+        _, report = signround("uint4:g32", model=model, steps=20, compute=compute)
+        hook.remove()
+        return report.stages[0].blocks
+
+    bf16, fp32 = record("bf16"), record("fp32")
+    assert seen == {"bf16": {torch.bfloat16}, "fp32": {torch.float32}}
+    assert bf16[0]["loss_before"] == fp32[0]["loss_before"]  # later blocks see what earlier ones learned
+    for a, b in zip(bf16, fp32):
+        gain_bf16, gain_fp32 = a["loss_after"] / a["loss_before"], b["loss_after"] / b["loss_before"]
+        assert a["kept"] == b["kept"] == "learned" and gain_bf16 < 0.8 and gain_fp32 < 0.8
+        assert abs(gain_bf16 - gain_fp32) < 0.1
+    assert make("signround").compute == "bf16"
+
+
 def test_same_inputs_same_bytes(single_thread):
     a, _ = signround("int4:g32", n_batches=3, steps=5)
     b, _ = signround("int4:g32", n_batches=3, steps=5)
@@ -177,7 +201,8 @@ def test_fused_experts_are_rounded_to_nearest_and_reported(single_thread):
 def test_bad_options_and_stacking_on_a_quantized_layer_are_refused():
     for options, message in (({"steps": -1}, "steps must be an integer >= 0"), ({"lr": 0.0}, "lr must be a positive"),
                              ({"clip_min": 0.0}, r"clip_min must be in \(0, 1\]"),
-                             ({"init": "awq"}, "init 'awq' is unknown; use one of rtn, gptq")):
+                             ({"init": "awq"}, "init 'awq' is unknown; use one of rtn, gptq"),
+                             ({"compute": "fp16"}, "compute 'fp16' is unknown; use one of bf16, fp32")):
         with pytest.raises(LowbitError, match=message):
             make("signround", **options)
     model = tiny_llama()

@@ -82,16 +82,17 @@ class _Round(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xt: Tensor, s: Tensor, z: Tensor | None, xq: Tensor, inside: Tensor, zf: Tensor | float,
                 zero_kind: str | None) -> Tensor:
-        ctx.save_for_backward(xt, s, xq, inside)
-        ctx.zf, ctx.zero_kind = zf, (zero_kind if z is not None else None)
+        # what the backward needs, formed once: the scale derivative's factor per weight
+        ctx.save_for_backward(s, xq - torch.where(inside, xt, zf), inside)
+        ctx.zero_kind = zero_kind if z is not None else None
         return xq
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        xt, s, xq, inside = ctx.saved_tensors
+        s, dscale, inside = ctx.saved_tensors
         gx = grad * inside
         safe = torch.where(s > 0, s, torch.ones_like(s))
-        gs = (grad * (xq - torch.where(inside, xt, ctx.zf))).sum(dim=1, keepdim=True) / safe
+        gs = (grad * dscale).sum(dim=1, keepdim=True) / safe
         gz = None
         if ctx.zero_kind is not None:  # only clamped weights move with the zero
             outside = (grad - gx).sum(dim=1, keepdim=True)
