@@ -16,6 +16,11 @@ cover      ``max(max/(N-1), -min/N)``: the smallest scale that     ``[-N, N-1]``
            clips nothing
 best3      per block the one of half, gptq, cover with the         ``[-N, N-1]``
            smallest squared error
+signed     ``m/(-N)`` with ``m`` the block's weight of largest       ``[-N, N-1]``
+           magnitude, sign kept: ``m`` lands exactly on code
+           ``-N`` (a negative scale when ``m > 0``); GGUF Q4_0's
+           and auto-round's symmetric rule (lowbit has no format
+           with signed scales yet)
 =========  =====================================================  ===============================
 
 ``--fz-anchor`` instead measures the clip search of float-zero formats (``uint4_fz:g64:mse``,
@@ -44,7 +49,7 @@ from lowbit.eval.perplexity import next_token_logprobs, token_nll
 from lowbit.hf.load import load_model
 
 OUT = Path(__file__).resolve().parent / "out" / "int_grid.json"
-RULES = ("narrow", "half", "gptq", "cover", "best3")
+RULES = ("narrow", "half", "gptq", "cover", "best3", "signed")
 
 
 def fake_quant(blocks: torch.Tensor, bits: int, rule: str) -> torch.Tensor:
@@ -64,10 +69,12 @@ def fake_quant(blocks: torch.Tensor, bits: int, rule: str) -> torch.Tensor:
         s = 2 * amax / (2 * n - 1)
     elif rule == "cover":
         s = torch.maximum(blocks.amax(1, keepdim=True).clamp(min=0) / (n - 1), -blocks.amin(1, keepdim=True) / n)
+    elif rule == "signed":
+        s = blocks.gather(1, blocks.abs().argmax(1, keepdim=True)) / -n
     else:
         raise ValueError(rule)
     s = s.to(torch.float16).to(torch.float32)
-    s = torch.where(s > 0, s, torch.ones_like(s))
+    s = torch.where(s != 0, s, torch.ones_like(s))
     return (blocks / s).round().clamp(lo, n - 1) * s
 
 

@@ -31,6 +31,13 @@ what is kept        the parameters after the last step, if their block error on
                     (0.395 against 0.404 of the start's at 50 steps on block 0),
                     and comparing losses of different batches kept the start
                     after 10 steps
+compute             ``compute="bf16"``: the training passes run under bf16 autocast
+                    (the matmuls and attention in bf16, the rounding, the loss and
+                    the signed steps in float32), as auto-round trains on the CPU;
+                    the float targets, the guard and the frozen result stay float32.
+                    On SmolLM2 w4g64 (32 pydoc windows) it took 271 s against 403 s
+                    and scored 15.54 / 30.29 (pydoc / prose perplexity) against
+                    15.64 / 30.78 with ``compute="fp32"`` (BENCHMARKS.md)
 input quantization  a scheme's dynamic input spec rounds each layer's input during
                     training too, passed straight through
 other tensors       fused experts and convolutions are rounded to nearest and
@@ -172,15 +179,17 @@ class SignRound(Modifier):
         """Bytes held while training one block.
 
         Per weight: the float32 copy being rounded, the offset with its gradient and the start
-        snapshot (16 B), and what the rounding graph keeps for the backward pass (shifted weight,
-        reconstruction, scale derivative, zero derivative, codes, in-range mask: 18 B). Per
+        snapshot (16 B), what the rounding graph keeps for the backward pass (shifted weight,
+        reconstruction, scale derivative, zero derivative, codes, in-range mask: 18 B) and, with
+        ``compute="bf16"``, autocast's bf16 copy of the rounded weight (2 B). Per
         token of a batch: every layer's input and output in float32, twice (the backward pass).
         With ``init="gptq"``: every layer's (cols, cols) float32 Hessian.
         """
         weights = sum(r * c for r, c in work.layers)
         per_token = 2 * 4 * sum(r + c for r, c in work.layers)
         hessians = sum(4 * c * c for _, c in work.layers) if self.init == "gptq" else 0  # all gathered at once
-        return weights * (4 + 16 + 18) + per_token * work.batch_tokens + hessians
+        cast = 2 if self.compute == "bf16" else 0
+        return weights * (4 + 16 + 18 + cast) + per_token * work.batch_tokens + hessians
 
     def flops(self, work: BlockWork) -> float:
         """``steps`` forward and backward passes of one batch through the layers (6·rows·cols per
