@@ -67,6 +67,7 @@ LOWBIT = [
             extra=("--set", "lr=0.005", "--batch", "8"),
             note="lowbit's SignRound set as auto-round's light recipe: 50 steps of 8 windows, lr 5e-3"),
     _lowbit("SignRound w4g64 sym, 100 steps", "w4g64", 4, solver="signround", extra=("--set", "steps=100")),
+    _lowbit("SignRound w2g64 asym", "w2g64-asym", 2, solver="signround"),
     _lowbit("RTN w3g64 asym", "w3g64-asym", 3),
     _lowbit("HQQ w3g64 (data-free)", "uint3_fz:g64:hqq", 3),
     _lowbit("GPTQ w3g64 asym", "w3g64-asym", 3, gptq=True),
@@ -120,6 +121,9 @@ PEERS = [
     Cell("brevitas", "fp8 e4m3 per channel", 8, ("--format", "fp8", "--group", "0", "--method", "rtn"),
          pair=_K["RTN fp8 e4m3 per channel"]),
     # auto-round: SignRound, its "light" recipe (50 steps, lr 5e-3): the default 200 steps would take ~110 min
+    Cell("autoround", "SignRound light W2 g64 asym", 2,
+         ("--bits", "2", "--group", "64", "--iters", "50", "--lr", "5e-3", "--asym"),
+         calibrated=True, pair=_K["SignRound w2g64 asym"], note="auto-round's light recipe at 2 bits"),
     Cell("autoround", "SignRound light W4 g64 sym", 4, ("--bits", "4", "--group", "64", "--iters", "50", "--lr", "5e-3"),
          calibrated=True, pair=_K["SignRound w4g64 sym"],
          note="auto-round's light recipe (50 SignRound steps per block, lr 5e-3, no torch.compile): its default "
