@@ -43,7 +43,7 @@ def test_mean_output_error_per_channel_is_zero_on_the_calibration_inputs(single_
     """Block 0 sees the float model's inputs; down_proj's inputs do not depend on its own bias, so
     over them E[W x] − E[Ŵ x + b] must vanish channel by channel."""
     model, reference = tiny_llama(), tiny_llama()
-    recipe = Recipe((Stage(make("rtn")), Stage(make("bias-correction"), targets=r"mlp\.down_proj")))
+    recipe = Recipe((Stage(make("rtn")), Stage(make("bias-correction", shrink=1), targets=r"mlp\.down_proj")))
     calibrate(model, default_plan(model, parse_scheme("int3:channel")), recipe, batches(), progress=False)
     down, float_down = model.model.layers[0].mlp.down_proj, reference.model.layers[0].mlp.down_proj
     assert reference.model.layers[0].mlp.down_proj.bias is None and down.bias is not None
@@ -59,6 +59,59 @@ def test_mean_output_error_per_channel_is_zero_on_the_calibration_inputs(single_
         before = (float_down(x).double() - (down(x).double() - down.bias.double())).mean(0)
     assert float(before.abs().max()) > 1e-4  # there was something to correct
     assert float(err.abs().max()) < 1e-6 * float(before.abs().max()) + 1e-7
+
+
+def _block0_error(model, reference, n: int = 4) -> float:
+    """Block 0's output against the float block 0's, mean squared, over the first ``n`` batches
+    (block 0 sees the same embeddings in both models)."""
+    outs = {}
+    hooks = [m.model.layers[0].register_forward_hook(lambda mod, a, o, m=m: outs.setdefault(id(m), []).append(
+        (o[0] if isinstance(o, tuple) else o).detach().double())) for m in (model, reference)]
+    with torch.no_grad():
+        for b in batches()[:n]:
+            model(b, use_cache=False)
+            reference(b, use_cache=False)
+    for h in hooks:
+        h.remove()
+    got, want = torch.cat(outs[id(model)]), torch.cat(outs[id(reference)])
+    return float((got - want).pow(2).mean())
+
+
+def test_auto_shrink_takes_the_fraction_with_the_lowest_block_error(single_thread):
+    """A slow reference for the search on one layer: the full correction ``c`` comes from
+    ``shrink=1``; the search must leave ``f·c`` with ``f`` the fraction of 0, ½, 1 whose block-0
+    output is closest to the float block's over the first 4 batches, scored here independently."""
+    plan = lambda m: default_plan(m, parse_scheme("int3:channel"))  # noqa: E731
+
+    def corrected(shrink):
+        model = tiny_llama()
+        recipe = Recipe((Stage(make("rtn")), Stage(make("bias-correction", shrink=shrink),
+                                                    targets=r"layers\.0\.mlp\.down_proj")))
+        report = calibrate(model, plan(model), recipe, batches(), progress=False)
+        return model, report.stages[1].blocks[0]
+
+    full, _ = corrected(1)
+    auto, info = corrected("auto")
+    c = full.model.layers[0].mlp.down_proj.bias.detach().clone()
+    reference, scores = tiny_llama(), {}
+    for f in (0.0, 0.5, 1.0):
+        with torch.no_grad():
+            full.model.layers[0].mlp.down_proj.bias.copy_(f * c)
+        scores[f] = _block0_error(full, reference)
+    chosen = info["shrink"]["model.layers.0.mlp.down_proj"]
+    assert chosen == min(scores, key=scores.get)
+    assert torch.allclose(auto.model.layers[0].mlp.down_proj.bias, chosen * c, atol=1e-7)
+    assert info["loss_after"] <= info["loss_before"]
+    assert abs(info["loss_after"] - scores[chosen]) <= 1e-5 * scores[chosen]
+    assert abs(info["loss_before"] - scores[0.0]) <= 1e-5 * scores[0.0]
+
+
+def test_bad_shrink_is_refused():
+    for bad in (-0.1, 1.5, "half", True):
+        with pytest.raises(LowbitError, match="bias-correction shrink must be 'auto' or a number in"):
+            make("bias-correction", shrink=bad)
+    assert make("bias-correction").shrink == "auto" and make("bias-correction").float_targets
+    assert not make("bias-correction", shrink=0.5).float_targets
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
