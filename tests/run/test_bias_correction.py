@@ -14,6 +14,7 @@ import lowbit
 from lowbit.engine.runner import calibrate
 from lowbit.errors import LowbitError
 from lowbit.modifiers import make
+from lowbit.modifiers.bias_correction import GUARD_WINDOWS
 from lowbit.models.targets import default_plan
 from lowbit.recipe import Recipe, Stage
 from lowbit.schemes import parse_scheme
@@ -80,7 +81,8 @@ def _block0_error(model, reference, n: int = 4) -> float:
 def test_auto_shrink_takes_the_fraction_with_the_lowest_block_error(single_thread):
     """A slow reference for the search on one layer: the full correction ``c`` comes from
     ``shrink=1``; the search must leave ``f·c`` with ``f`` the fraction of 0, ½, 1 whose block-0
-    output is closest to the float block's over the first 4 batches, scored here independently."""
+    output is closest to the float block's over the first ``GUARD_WINDOWS`` windows (batches of 4),
+    scored here independently."""
     plan = lambda m: default_plan(m, parse_scheme("int3:channel"))  # noqa: E731
 
     def corrected(shrink):
@@ -97,7 +99,7 @@ def test_auto_shrink_takes_the_fraction_with_the_lowest_block_error(single_threa
     for f in (0.0, 0.5, 1.0):
         with torch.no_grad():
             full.model.layers[0].mlp.down_proj.bias.copy_(f * c)
-        scores[f] = _block0_error(full, reference)
+        scores[f] = _block0_error(full, reference, n=-(-GUARD_WINDOWS // 4))
     chosen = info["shrink"]["model.layers.0.mlp.down_proj"]
     assert chosen == min(scores, key=scores.get)
     assert torch.allclose(auto.model.layers[0].mlp.down_proj.bias, chosen * c, atol=1e-7)

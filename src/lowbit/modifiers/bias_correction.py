@@ -35,7 +35,7 @@ The value projection's correction is the harmful one: its mean output over token
 attention passes on, a softmax-weighted average that on this model leans on the first token. So
 the default, ``shrink="auto"``, lets the data decide per layer: in block order, each layer takes
 0, half or all of its correction, whichever gives the block's output the lowest mean squared
-error against the float block's on the first ``GUARD_BATCHES`` calibration batches (the loss
+error against the float block's on the first ``GUARD_WINDOWS`` calibration windows (the loss
 SignRound's guard uses). A number applies that fraction to every layer without a search.
 
 Choices of ours: the input means are taken in one forward of the block, before any layer of the
@@ -81,8 +81,8 @@ def correction(W: Tensor, W_hat: Tensor, x_mean: Tensor, x_hat_mean: Tensor) -> 
     return W.double() @ x_mean.double() - W_hat.double() @ x_hat_mean.double()
 
 
-#: calibration batches the per-layer fractions are scored on (the first ones)
-GUARD_BATCHES = 4
+#: calibration windows the per-layer fractions are scored on (the first batches that hold them)
+GUARD_WINDOWS = 8
 #: the fractions of its correction a layer may take under ``shrink="auto"``
 FRACTIONS = (0.0, 0.5, 1.0)
 
@@ -145,7 +145,7 @@ class BiasCorrection(Modifier):
             scale = float((W.double() @ x.value()).abs().mean())
             fixes.append((key, module, c, float(c.abs().max()) / scale if scale > 0 else 0.0))
         if self.shrink == "auto":
-            guard = replace(data, calls=data.calls[:GUARD_BATCHES])
+            guard = replace(data, calls=data.calls[:_guard_batches(data.q_in)])
             before = block_loss(block, guard)
             taken, after = _search(block, guard, fixes, before)
             info.update(loss_before=before, loss_after=after)
@@ -168,8 +168,17 @@ class BiasCorrection(Modifier):
         base = sum(4 * r * c + 2 * c * work.tokens for r, c in work.layers)
         if self.shrink != "auto":
             return float(base)
-        guard = min(work.tokens, GUARD_BATCHES * work.batch_tokens)
+        guard = min(work.tokens, max(work.batch_tokens, GUARD_WINDOWS * 512))  # windows of 512 tokens: an estimate
         return float(base + (2 * len(work.layers) + 1) * 2 * sum(r * c for r, c in work.layers) * guard)
+
+
+def _guard_batches(q_in: Any) -> int:
+    """How many of the first batches hold ``GUARD_WINDOWS`` windows (at least one)."""
+    count = windows = 0
+    while count < len(q_in) and windows < GUARD_WINDOWS:
+        windows += q_in[count].shape[0]
+        count += 1
+    return max(count, 1)
 
 
 def _add(module: nn.Module, c: Tensor, fraction: float) -> None:
