@@ -15,6 +15,7 @@ from lowbit.engine.runner import calibrate
 from lowbit.errors import LowbitError
 from lowbit.modifiers import make
 from lowbit.modifiers.bias_correction import GUARD_WINDOWS
+from lowbit.nn.reference import added_biases
 from lowbit.models.targets import default_plan
 from lowbit.recipe import Recipe, Stage
 from lowbit.schemes import parse_scheme
@@ -102,10 +103,28 @@ def test_auto_shrink_takes_the_fraction_with_the_lowest_block_error(single_threa
         scores[f] = _block0_error(full, reference, n=-(-GUARD_WINDOWS // 4))
     chosen = info["shrink"]["model.layers.0.mlp.down_proj"]
     assert chosen == min(scores, key=scores.get)
-    assert torch.allclose(auto.model.layers[0].mlp.down_proj.bias, chosen * c, atol=1e-7)
+    if chosen:
+        assert torch.allclose(auto.model.layers[0].mlp.down_proj.bias, chosen * c, atol=1e-7)
     assert info["loss_after"] <= info["loss_before"]
+    if chosen == 0:  # a layer left alone keeps no added bias
+        assert auto.model.layers[0].mlp.down_proj.bias is None
     assert abs(info["loss_after"] - scores[chosen]) <= 1e-5 * scores[chosen]
     assert abs(info["loss_before"] - scores[0.0]) <= 1e-5 * scores[0.0]
+
+
+def test_layers_that_take_none_of_their_correction_get_no_bias(single_thread):
+    model = tiny_llama()
+    report = calibrate(model, default_plan(model, parse_scheme("int3:channel")), "rtn+bias-correction", batches(),
+                       progress=False)
+    taken = {k: f for b in report.stages[1].blocks for k, f in b["shrink"].items()}
+    assert 0.0 in taken.values() and set(taken.values()) <= {0.0, 0.5, 1.0}  # measured: 1 of 14 takes none
+    modules = dict(model.named_modules())
+    for key, fraction in taken.items():
+        assert (modules[key].bias is None) == (fraction == 0), key
+    zero = tiny_llama()
+    recipe = Recipe((Stage(make("rtn")), Stage(make("bias-correction", shrink=0))))
+    calibrate(zero, default_plan(zero, parse_scheme("int3:channel")), recipe, batches(), progress=False)
+    assert all(getattr(m, "bias", None) is None for m in zero.modules() if isinstance(m, torch.nn.Linear))
 
 
 def test_bad_shrink_is_refused():
@@ -184,8 +203,10 @@ def test_exports_that_cannot_store_added_biases_refuse_them(tmp_path, single_thr
 
     model = tiny_llama()
     calibrate(model, default_plan(model, parse_scheme("uint4:g32")), "rtn+bias-correction", batches(1), progress=False)
+    added = len(added_biases(model))  # the layers that took some of their correction
+    assert added > 0
     lowbit.save(model, tmp_path / "bc")
     for target in ("compressed-tensors", "gguf"):
-        with pytest.raises(LowbitError, match=f"{target} cannot store the biases bias correction added to 14 layers"):
+        with pytest.raises(LowbitError, match=f"{target} cannot store the biases bias correction added to {added} layers"):
             export(tmp_path / "bc", target, tmp_path / target)
         assert not (tmp_path / target).exists()

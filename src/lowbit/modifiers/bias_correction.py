@@ -55,7 +55,7 @@ from lowbit.errors import LowbitError
 from lowbit.models.targets import targets
 from lowbit.modifiers._blockfit import block_loss
 from lowbit.modifiers.base import BlockData, BlockWork, Modifier
-from lowbit.nn.reference import add_bias, kept_float, qtensors
+from lowbit.nn.reference import add_bias, drop_added_bias, kept_float, qtensors
 from lowbit.qtensor import matrix_view
 
 
@@ -154,6 +154,7 @@ class BiasCorrection(Modifier):
             for key, module, c, _ in fixes:
                 _add(module, c, taken[key])
         return {**info, "relative": max(r for _, _, _, r in fixes), "shrink": taken}
+
     def memory(self, work: BlockWork) -> int:
         """The float copies of the block's targeted weights (float32, 4 B each), two float64 input
         means per layer and one batch's layer inputs in float64 for the sums; with the search, one
@@ -182,7 +183,9 @@ def _guard_batches(q_in: Any) -> int:
 
 
 def _add(module: nn.Module, c: Tensor, fraction: float) -> None:
-    """The layer's bias grows by ``fraction·c`` (a bias is added if it has none)."""
+    """The layer's bias grows by ``fraction·c`` (a bias is added if it has none; none for 0)."""
+    if fraction == 0:
+        return
     bias = add_bias(module)
     with torch.no_grad():
         bias.add_((fraction * c).to(bias.dtype))
@@ -205,6 +208,8 @@ def _search(block: nn.Module, guard: BlockData, fixes: list, best: float) -> tup
                 best, choice = loss, fraction
         with torch.no_grad():
             bias.copy_(start + (choice * c).to(bias.dtype))
+        if choice == 0:
+            drop_added_bias(module)  # a layer left as it was keeps no zero bias (exports refuse added ones)
         taken[key] = choice
     return taken, best
 

@@ -140,6 +140,12 @@ def add_bias(module: nn.Module, dtype: torch.dtype | None = None, device: torch.
     return module.bias
 
 
+def drop_added_bias(module: nn.Module) -> None:
+    """Undo ``add_bias`` on ``module`` (nothing if its bias was its own)."""
+    if module.__dict__.pop(ADDED_BIAS, False):
+        module.bias = None
+
+
 def added_biases(model: nn.Module) -> list[str]:
     """Names of the biases ``add_bias`` created in ``model`` (``<module>.bias``)."""
     return [f"{name}.bias" for name, m in model.named_modules() if m.__dict__.get(ADDED_BIAS)]
