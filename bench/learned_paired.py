@@ -14,7 +14,10 @@ timed and measured for peak memory (``bench/rss.py``) through ``lowbit quantize`
 report gives the forecast peak beside the measured one), and saved under
 ``bench/out/learned/<scheme>-<calib>-<samples>x<batch>/<label>/``; a cell whose folder is there is
 reused, and so are its scores (delete the folder to redo); the cells of an earlier run on the same
-scheme, calibration and windows that a run does not name are kept in its results. Then fp32 and every cell are scored on the same ``--windows`` windows of pydoc and of
+scheme, calibration and windows that a run does not name are kept in its results. A killed
+cell's ``<label>.partial`` run is resumed (its seconds then cover the resumed part only); a cell
+that fails is reported and left out, the others go on, and the run exits non-zero at the end.
+Then fp32 and every cell are scored on the same ``--windows`` windows of pydoc and of
 prose (not calibrated on: out of domain), and each cell is paired window by window against RTN:
 ``Δ log ppl`` with its 95% interval (1.96 standard errors over windows) and the share of RTN's gap to
 fp32 it closes. Writes ``bench/out/learned-<scheme>.json`` and the section of BENCHMARKS.md between
@@ -38,6 +41,7 @@ sys.path.insert(0, str(HERE))
 from common import read_section, write_section  # noqa: E402
 
 MARK_BEGIN, MARK_END = "<!-- learned-paired:begin -->", "<!-- learned-paired:end -->"
+FAILED: list[str] = []  # labels of the cells whose quantize run failed in this run
 Z95 = 1.96
 CELLS = {
     "rtn": "rtn",
@@ -86,6 +90,8 @@ def command(cell: str, args: argparse.Namespace, folder: Path) -> list[str]:
     if method != "rtn":
         cmd += ["--samples", str(args.samples), "--seq-len", "512", "--batch-size", str(args.batch),
                 "--calib", calib_arg(args.calib)]
+        if folder.with_name(folder.name + ".partial").exists():  # a killed run of this cell: continue it
+            cmd.append("--resume")
     for k, v in options.items():
         flag = "--" + k.replace("_", "-")
         cmd += [flag if v is True else "--no-" + flag[2:]] if isinstance(v, bool) else [flag, str(v)]
@@ -102,11 +108,15 @@ def quantize_cells(args: argparse.Namespace, root: Path) -> dict[str, dict]:
         folder = root / label
         meta = folder / "bench.json"
         if not meta.exists():
-            r = measure(command(cell, args, folder), env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            if r["returncode"] != 0:
-                raise SystemExit(f"cell {label} failed:\n{r['stderr_tail']}")
+            cmd = command(cell, args, folder)
+            r = measure(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            if r["returncode"] != 0:  # reported, and the other cells go on
+                print(f"cell {label} failed:\n{r['stderr_tail']}", file=sys.stderr, flush=True)
+                FAILED.append(label)
+                continue
             report = json.loads((folder.parent / f"{folder.name}.report.json").read_text())
             meta.write_text(json.dumps({"label": label, "method": method, "options": options,
+                                        "resumed": "--resume" in cmd,  # its seconds cover the resumed part only
                                         "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"],
                                         "quantize_seconds": report.get("quantize_seconds"),
                                         "forecast_bytes": report.get("forecast_bytes"),
@@ -255,6 +265,8 @@ def main() -> None:
     for c in ("pydoc", "prose"):
         print(c, {k: round(v["ratio"], 4) for k, v in result[c]["models"].items()})
     write_markdown()
+    if FAILED:
+        raise SystemExit(f"cells that failed (see above): {', '.join(FAILED)}")
 
 
 if __name__ == "__main__":
