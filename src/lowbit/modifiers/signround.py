@@ -35,9 +35,10 @@ compute             ``compute="bf16"``: the training passes run under bf16 autoc
                     (the matmuls and attention in bf16, the rounding, the loss and
                     the signed steps in float32), as auto-round trains on the CPU;
                     the float targets, the guard and the frozen result stay float32.
-                    On SmolLM2 w4g64 (32 pydoc windows) it took 271 s against 403 s
-                    and scored 15.54 / 30.29 (pydoc / prose perplexity) against
-                    15.64 / 30.78 with ``compute="fp32"`` (BENCHMARKS.md)
+                    On SmolLM2 (32 pydoc windows) it took 277 s against 397 s at
+                    uint3:g64, each run alone, and scored 1.184× / 1.547× fp32
+                    perplexity (pydoc / prose) against 1.172× / 1.600×; at w4g64
+                    15.54 / 30.29 against 15.64 / 30.78 (BENCHMARKS.md)
 input quantization  a scheme's dynamic input spec rounds each layer's input during
                     training too, passed straight through
 other tensors       fused experts and convolutions are rounded to nearest and
