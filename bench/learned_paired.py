@@ -41,7 +41,6 @@ sys.path.insert(0, str(HERE))
 from common import read_section, write_section  # noqa: E402
 
 MARK_BEGIN, MARK_END = "<!-- learned-paired:begin -->", "<!-- learned-paired:end -->"
-FAILED: list[str] = []  # labels of the cells whose quantize run failed in this run
 Z95 = 1.96
 CELLS = {
     "rtn": "rtn",
@@ -98,7 +97,8 @@ def command(cell: str, args: argparse.Namespace, folder: Path) -> list[str]:
     return cmd
 
 
-def quantize_cells(args: argparse.Namespace, root: Path) -> dict[str, dict]:
+def quantize_cells(args: argparse.Namespace, root: Path, failed: list[str]) -> dict[str, dict]:
+    """Quantize (or reuse) every cell; the labels of cells whose run failed go to ``failed``."""
     from rss import measure
 
     out = {}
@@ -112,7 +112,7 @@ def quantize_cells(args: argparse.Namespace, root: Path) -> dict[str, dict]:
             r = measure(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             if r["returncode"] != 0:  # reported, and the other cells go on
                 print(f"cell {label} failed:\n{r['stderr_tail']}", file=sys.stderr, flush=True)
-                FAILED.append(label)
+                failed.append(label)
                 continue
             report = json.loads((folder.parent / f"{folder.name}.report.json").read_text())
             meta.write_text(json.dumps({"label": label, "method": method, "options": options,
@@ -255,7 +255,8 @@ def main() -> None:
     safe = "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in args.scheme)
     tag = calib_tag(args.calib)
     root = HERE / "out" / "learned" / f"{safe}-{tag}-{args.samples}x{args.batch}"
-    cells = quantize_cells(args, root)
+    failed: list[str] = []
+    cells = quantize_cells(args, root, failed)
     result = {"scheme": args.scheme, "calib": args.calib, "samples": args.samples, "batch": args.batch,
               "cells": cells, **score_cells(cells, root, args.windows)}
     size = "" if (args.samples, args.batch) == (32, 2) else f"-{args.samples}x{args.batch}"
@@ -265,8 +266,8 @@ def main() -> None:
     for c in ("pydoc", "prose"):
         print(c, {k: round(v["ratio"], 4) for k, v in result[c]["models"].items()})
     write_markdown()
-    if FAILED:
-        raise SystemExit(f"cells that failed (see above): {', '.join(FAILED)}")
+    if failed:
+        raise SystemExit(f"cells that failed (see above): {', '.join(failed)}")
 
 
 if __name__ == "__main__":
