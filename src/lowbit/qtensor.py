@@ -66,13 +66,14 @@ def storage_bits(storage: str) -> int:
 
 
 def round_scale(scale: Tensor, storage: str) -> Tensor:
-    """Round float32 scales to what ``storage`` holds; nonzero scales never round to zero."""
+    """Round float32 scales to what ``storage`` holds; nonzero scales never round to zero, and a
+    negative scale (``signed_scale`` formats) keeps its sign."""
     if storage in ("e8m0", "float8_e4m3fn"):
         return scale  # the format already chose representable scales
     dt = SCALE_DTYPES[storage]
     info = torch.finfo(dt)
     tiny = info.smallest_normal if dt == torch.bfloat16 else info.tiny * 2**-10 if dt == torch.float16 else info.tiny
-    clamped = torch.where(scale > 0, scale.clamp(min=tiny, max=info.max), scale)
+    clamped = torch.where(scale != 0, scale.abs().clamp(min=tiny, max=info.max).copysign(scale), scale)
     return clamped.to(dt).to(torch.float32)
 
 

@@ -62,6 +62,7 @@ def presets() -> dict[str, str]:
         out[name] = f"int{bits}:{gran}"
         out[f"{name}-asym"] = f"uint{bits}:{gran}"
         out[f"{name}-asym-fz"] = f"uint{bits}_fz:{gran}"
+        out[f"{name}-ss"] = f"int{bits}_ss:{gran}"
     out.update(_OTHER_PRESETS)
     return out
 

@@ -31,7 +31,7 @@ import families  # noqa: E402
 
 V = families.V
 ROUND_TRIPS = ["int4:g32", "int4:g64", "uint4:g32", "int8:channel", "uint8:channel", "fp8_e4m3fn:channel",
-               "fp8_e4m3fn:tensor", "int4:tensor", "uint4:b24x32", "fp8_e4m3fn:b24x48", "mixed"]
+               "fp8_e4m3fn:tensor", "int4:tensor", "uint4:b24x32", "fp8_e4m3fn:b24x48", "mixed", "int4_ss:g32"]
 
 
 def tiny_llama(dtype: torch.dtype = torch.float32):
@@ -187,7 +187,7 @@ def test_packing_matches_compressed_tensors(bits):
         assert torch.equal(ct_export.pack_int32(codes, bits), theirs), cols
 
 
-@pytest.mark.parametrize("case", ["int4:g32", "int8:channel", "fp8_e4m3fn:channel", "mixed"])
+@pytest.mark.parametrize("case", ["int4:g32", "int8:channel", "fp8_e4m3fn:channel", "mixed", "int4_ss:g32"])
 def test_transformers_loads_export_with_identical_logits(exported, case):
     # Asymmetric (uint) exports are left out: transformers builds the zero point unpacked on the
     # meta device and refuses the packed tensor (vllm-project/llm-compressor#1618, also for

@@ -17,7 +17,8 @@ import gguf  # noqa: E402 - a missing reader fails: scripts/install.sh installs 
 from lowbit.export import _gguf_blocks as blocks  # noqa: E402
 from lowbit.export import gguf as lg  # noqa: E402
 
-EXACT = {"int8:g32": "Q8_0", "int4:g32": "Q4_0", "uint4_fz:g32": "Q4_1", "int5:g32": "Q5_0", "uint5_fz:g32": "Q5_1"}
+EXACT = {"int8:g32": "Q8_0", "int4:g32": "Q4_0", "uint4_fz:g32": "Q4_1", "int5:g32": "Q5_0", "uint5_fz:g32": "Q5_1",
+         "int4_ss:g32": "Q4_0", "int5_ss:g32": "Q5_0"}
 HEADS, KV_HEADS, HIDDEN = 4, 2, 64
 
 
@@ -220,6 +221,24 @@ def test_pack_blocks_matches_gguf_reference_codec():
         codes = (ref_values.reshape(4, 2, 32) / torch.where(d == 0, 1.0, d)[..., None]).round() + 2 ** (bits - 1)
         packed = blocks.pack_blocks(codes.reshape(4, 64).to(torch.uint8), d, None, qtype)
         assert np.array_equal(packed, ref), qtype
+
+
+@pytest.mark.parametrize("qtype,bits", [("Q4_0", 4), ("Q5_0", 5)])
+def test_signed_scale_reproduces_gguf_q4_0_and_q5_0_bytes(qtype, bits):
+    """Weights on a Q4_0 / Q5_0 grid (gguf's own quantizer, then its dequantizer), quantized
+    ``int{b}_ss:g32`` and packed, give gguf's bytes back: the signed scale is Q4_0's. The half
+    rule's positive scale cannot (its positive extreme clips)."""
+    from lowbit.quantizer import quantize_weight
+
+    t = gguf.GGMLQuantizationType[qtype]
+    x = torch.randn(16, 128, generator=torch.Generator().manual_seed(0)).numpy()
+    ref = gguf.quants.quantize(x, t)
+    w = torch.from_numpy(gguf.quants.dequantize(ref, t).reshape(16, 128))
+    qt = quantize_weight(w, lowbit.parse_scheme(f"int{bits}_ss:g32"))
+    assert (qt.scale < 0).any()
+    assert np.array_equal(blocks.pack_blocks(qt.codes(), qt.scale, None, qtype).reshape(ref.shape), ref)
+    half = quantize_weight(w, lowbit.parse_scheme(f"int{bits}:g32"))
+    assert not torch.equal(half.dequantize(), w)
 
 
 @pytest.fixture(scope="module")

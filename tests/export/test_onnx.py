@@ -36,6 +36,7 @@ PLANS = {
     "mlp-b": ("mlp", ["int8:channel", "uint2:g64", "int3:b4x16"]),
     "cnn-a": ("cnn", ["int4:g8", "uint4:channel", "fp8_e5m2:g32"]),
     "cnn-b": ("cnn", ["uint8:tensor", "int8:b8x48", "uint8:g24"]),
+    "mlp-ss": ("mlp", ["int4_ss:g32", "int8_ss:channel", "int3_ss:g16"]),  # negative scales
 }
 T = onnx.TensorProto
 CODE_TYPES = {"int2": T.INT4, "int3": T.INT4, "int4": T.INT4, "int8": T.INT8, "uint2": T.UINT4, "uint4": T.UINT4,
@@ -112,7 +113,7 @@ def test_outputs_and_weights_match_lowbit(plan, exported):
     model, x, path = exported(plan)
     types = {i.name: i.data_type for i in onnx.load(str(path)).graph.initializer}
     for layer, scheme in zip(LAYERS[kind], schemes):  # codes, never a float copy of the weight
-        assert types[f"{layer}.weight_quantized"] == CODE_TYPES[scheme.split(":")[0]], layer
+        assert types[f"{layer}.weight_quantized"] == CODE_TYPES[scheme.split(":")[0].removesuffix("_ss")], layer
         assert f"{layer}.weight" not in types
     np.testing.assert_allclose(run(path, x), families.output(model, x).numpy(), rtol=0, atol=ATOL)
     assert_weights_exact(path, model, x)

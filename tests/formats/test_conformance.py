@@ -49,17 +49,20 @@ def unit_qparams(fmt, n: int = 1) -> QParams:
 
 
 def grid_in_weight_units(fmt, qp: QParams) -> torch.Tensor:
-    """(n_blocks, K) every distinct reconstruction value of each block, float64."""
+    """(n_blocks, K) every distinct reconstruction value of each block, float64, ascending (a
+    negative scale, ``signed_scale`` formats, reverses the table)."""
     v = fmt.values()
     v = torch.unique(v[torch.isfinite(v)])  # sorted
     s = qp.scale.double()
     if qp.global_scale is not None:
         s = (qp.scale * qp.global_scale).double()
     if fmt.zero_kind == "int":
-        return (v - qp.zero.double()) * s
-    if fmt.zero_kind == "float":
-        return v * s + qp.zero.double()
-    return v * s
+        grid = (v - qp.zero.double()) * s
+    elif fmt.zero_kind == "float":
+        grid = v * s + qp.zero.double()
+    else:
+        grid = v * s
+    return torch.sort(grid, dim=1).values
 
 
 @pytest.fixture(params=NAMES)
@@ -134,9 +137,14 @@ def test_odd_formats_are_odd(name):
     spec = spec_for(fmt)
     assert torch.equal(quantize_weight(-w, spec).dequantize(), -quantize_weight(w, spec).dequantize())
     for x, _, qp in blocks_of(quantize_weight(w, spec), w):
+        # a signed-scale grid is odd through its scale: -x takes the scale -s and the same codes
+        qn = QParams(-qp.scale, qp.zero, qp.global_scale) if fmt.signed_scale else qp
+        assert fmt.signed_scale == bool((qp.scale < 0).any())
         pos = fmt.dequantize(fmt.quantize(x, qp), qp)
-        neg = fmt.dequantize(fmt.quantize(-x, qp), qp)
+        neg = fmt.dequantize(fmt.quantize(-x, qn), qn)
         assert torch.equal(neg, -pos)
+        if fmt.signed_scale:
+            assert torch.equal(fmt.quantize(-x, qn), fmt.quantize(x, qp))
 
 
 @pytest.mark.parametrize("name", [n for n, f in FORMATS.items() if f.symmetric and not f.odd])
@@ -186,7 +194,7 @@ def test_constant_blocks_are_finite(fmt, c):
     w = torch.full((2, 64), c)
     qt = quantize_weight(w, spec_for(fmt))
     deq = qt.dequantize()
-    assert torch.isfinite(qt.scale).all() and (qt.scale >= 0).all()
+    assert torch.isfinite(qt.scale).all() and (fmt.signed_scale or (qt.scale >= 0).all())
     assert torch.isfinite(deq).all()
     assert (deq - w).abs().max() <= abs(c) * (1 + 1e-3)
 

@@ -27,7 +27,8 @@ SHAPES = [(7, 64), (33, 96), (17, 200), (48, 576), (16, 40)]  # (out, in): odd r
 KERNEL_OF = {
     "int8:channel": "int8", "int8:tensor": "int8",
     "int4:g32": "int4", "uint4:g64": "int4", "uint4_fz:g128": "int4", "int3:g64": "int4", "int2:g32": "int4",
-    "uint4:channel": "int4", "int4:tensor": "int4",
+    "uint4:channel": "int4", "int4:tensor": "int4", "int4_ss:g64": "int4", "int3_ss:g32": "int4",
+    "int8_ss:channel": "int8",
     "int4:g16": "dequant", "nf4:g32": "dequant", "fp8": "dequant", "int8:g32": "dequant", "nvfp4": "dequant",
     "mxfp4": "dequant", "int4:b4x32": "dequant", "fp4": "dequant",
 }

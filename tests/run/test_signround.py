@@ -40,7 +40,8 @@ def signround(scheme: str, n_batches: int = 4, model=None, **options):
 
 
 @pytest.mark.parametrize("scheme", ["uint4:g32", "int4:channel", "int3:g48", "nf4:g32", "uint4_fz:g32:hqq",
-                                    "fp4_e2m1:g32", "mxfp4", "nvfp4", "uint4:g32:mse", "int4:g32+a=int8:token"])
+                                    "fp4_e2m1:g32", "mxfp4", "nvfp4", "uint4:g32:mse", "int4:g32+a=int8:token",
+                                    "int4_ss:g32"])
 def test_untrained_signround_is_round_to_nearest_bit_for_bit(scheme, single_thread):
     """g48 leaves a partial group of 16 of the 64 inputs; :hqq starts from HQQ's zero, :mse from
     the clip search."""
@@ -64,7 +65,8 @@ def test_init_gptq_untrained_is_gptq_bit_for_bit(single_thread):
 
 def _reference(W, spec, start, v, alpha, beta):
     """SignRound's rounding from the definitions, block by block in float32 (uint4 with an integer
-    zero, int4 symmetric, uint4 with a float zero; groups along the rows)."""
+    zero, int4 symmetric with a positive or a signed scale, uint4 with a float zero; groups along
+    the rows)."""
     fmt, g = spec.format, spec.granularity.size
     out = torch.empty_like(W)
     half = torch.float16
@@ -91,12 +93,13 @@ def _reference(W, spec, start, v, alpha, beta):
     return out
 
 
-@pytest.mark.parametrize("spec", ["uint4:g16", "int4:g16", "uint4_fz:g16"])
+@pytest.mark.parametrize("spec", ["uint4:g16", "int4:g16", "uint4_fz:g16", "int4_ss:g16"])
 def test_rounding_matches_a_slow_reference_and_what_is_stored(spec):
     torch.manual_seed(0)
     spec = parse_spec(spec)
     W = torch.randn(8, 64)
     start = Start(*initial_qparams(W, spec))
+    assert spec.format.signed_scale == bool((start.scale < 0).any())  # int4_ss: some scales negative
     v = torch.rand(8, 64) - 0.5
     alpha = 0.5 + 0.5 * torch.rand_like(start.scale)
     beta = 0.5 + 0.5 * torch.rand_like(start.scale)
@@ -134,7 +137,7 @@ def test_signed_step_moves_by_lr_times_the_sign_and_clamps():
     assert torch.allclose(p.detach(), torch.tensor([-0.1, 0.5, -0.5, 0.2]))
 
 
-@pytest.mark.parametrize("scheme", ["uint4:g32", "int3:g32", "nf4:g32"])
+@pytest.mark.parametrize("scheme", ["uint4:g32", "int3:g32", "nf4:g32", "int4_ss:g32"])
 def test_signround_lowers_block_errors_and_the_models_kl(scheme, single_thread):
     """On held-out windows too, except for nf4, whose held-out KL on this random model stays
     where RTN's is (measured 1.11x) although the block errors halve: 16 calibration windows of

@@ -91,7 +91,7 @@ class _Round(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         s, dscale, inside = ctx.saved_tensors
         gx = grad * inside
-        safe = torch.where(s > 0, s, torch.ones_like(s))
+        safe = torch.where(s != 0, s, torch.ones_like(s))
         gs = (grad * dscale).sum(dim=1, keepdim=True) / safe
         gz = None
         if ctx.zero_kind is not None:  # only clamped weights move with the zero
@@ -124,7 +124,7 @@ def _qparams(spec: QuantSpec, s0: Tensor, z0: Tensor | None, g: Tensor | None,
     if fmt.zero_kind == "float":
         z = beta * lo0
         return s, _ste(z, stored_qparams(QParams(s.detach(), z.detach()), spec).zero)
-    safe = torch.where(s > 0, s, torch.ones_like(s))
+    safe = torch.where(s != 0, s, torch.ones_like(s))
     u = -beta * lo0 / safe
     return s, _ste(u, torch.round(u.detach()).clamp(0, fmt.qmax))
 

@@ -35,8 +35,8 @@ from lowbit.formats.base import QParams
 from lowbit.qtensor import QuantizedTensor, scale_storage
 from lowbit.spec import PerGroup
 
-SPECS = ("int8:g32 (Q8_0), int4:g32 (Q4_0), uint4_fz:g32 (Q4_1), int5:g32 (Q5_0), uint5_fz:g32 (Q5_1), "
-         "float16 scales")
+SPECS = ("int8:g32 (Q8_0), int4:g32 or int4_ss:g32 (Q4_0), uint4_fz:g32 (Q4_1), int5:g32 or int5_ss:g32 (Q5_0), "
+         "uint5_fz:g32 (Q5_1), float16 scales")
 BLOCK = 32
 # (bits, symmetric, zero kind) -> GGUF type name
 CODECS = {(8, True, None): "Q8_0", (4, True, None): "Q4_0", (4, False, "float"): "Q4_1",
@@ -50,7 +50,7 @@ def gguf_type(key: str, qt: QuantizedTensor) -> str:
     spec, fmt = qt.spec, qt.spec.format
     name = CODECS.get((fmt.bits, fmt.symmetric, fmt.zero_kind)) if fmt.family == "int" else None
     if name is None or spec.granularity != PerGroup(BLOCK) or scale_storage(spec) != "float16":
-        hint = "; quantize with uint4_fz:g32 (Q4_1) or int4:g32 (Q4_0)" if fmt.zero_kind == "int" else ""
+        hint = "; quantize with uint4_fz:g32 (Q4_1) or int4_ss:g32 (Q4_0)" if fmt.zero_kind == "int" else ""
         raise LowbitError(f"{key}: spec {describe(spec)} has no exact GGUF type; gguf export supports "
                           f"{SPECS}{hint}")
     if qt.layout != "rows" or len(qt.shape) != 2 or qt.shape[1] % BLOCK or qt.global_scale is not None:

@@ -60,6 +60,7 @@ class Format:
     family: ClassVar[str] = ""
     fixed_block: ClassVar[int | None] = None  # block size dictated by the format (MX: 32)
     scale_storage: ClassVar[str | None] = None  # storage dtype of scales dictated by the format
+    signed_scale: ClassVar[bool] = False  # whether a block scale may be negative (int's ``intB_ss``)
     bits: int
     symmetric: bool
 
@@ -139,8 +140,9 @@ class Format:
 
 # --- helpers shared by the families ----------------------------------------------------
 def safe_scale(scale: Tensor) -> Tensor:
-    """Replace zero scales by one so that division is defined (all-zero blocks stay zero)."""
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+    """Replace zero scales by one so that division is defined (all-zero blocks stay zero); a
+    negative scale (``signed_scale`` formats) is kept."""
+    return torch.where(scale != 0, scale, torch.ones_like(scale))
 
 
 def rounded(scale: Tensor, round_scale: ScaleRounding | None) -> Tensor:

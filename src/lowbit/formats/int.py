@@ -10,6 +10,9 @@ format           codes ``q``                        scale per block             
                                                     clips to ``(2^(b-1) - 1)·s``
 ``intB_narrow``  ``±(2^(b-1) - 1)``, 2^b - 1 codes   ``absmax / (2^(b-1) - 1)``           yes
                  (code 0 unused; int2 ternary)
+``intB_ss``      ``intB``'s                         ``m / -2^(b-1)``, ``m`` the signed    yes
+                                                    weight of largest magnitude: exact
+                                                    whatever its sign (below)
 ===============  =================================  ===================================  ====
 
 ``intB`` uses every code, as GPTQ's, brevitas's and GGUF Q4_0's symmetric grids do. Its scale
@@ -38,11 +41,15 @@ that any clip moves, an artefact of this model rather than a rule. At 2 bits rou
 destroys the model under every rule (perplexity far above the vocabulary size, 49152), so
 perplexity ranks nothing there.
 
-One rule beats ``half`` and is not offered: GGUF Q4_0's and auto-round's *signed* scale,
-``s = m/(-N)`` with ``m`` the block's weight of largest magnitude, so that ``m`` sits exactly on
-code ``-N`` whatever its sign (the scale is negative when ``m > 0``). At int4 g64 it gives 0.0984 /
-18.68 against ``half``'s 0.1031 / 20.87 (``bench/int_grid.py --rules half,signed``). It needs
-negative scales, which ``safe_scale``, the packed kernels and the exports do not take yet.
+One rule beats ``half``: GGUF Q4_0's and auto-round's *signed* scale, ``s = m/(-N)`` with ``m``
+the block's weight of largest magnitude (the first one, on a tie), so that ``m`` sits exactly on
+code ``-N`` whatever its sign; the scale is negative when ``m > 0``. At int4 g64 it gives
+0.0984 / 18.68 against ``half``'s 0.1031 / 20.87 (``bench/int_grid.py --rules half,signed``).
+It is offered as ``intB_ss`` (``signed_scale=True``), not as ``intB``'s rule, so that every
+model and recipe made with ``intB`` keeps its bytes. Its codes and tables are ``intB``'s, and
+so are its kernels and exports (GGUF ``int4_ss:g32`` is Q4_0, which stores the same signed
+scale). Flipping the block flips ``m`` and the scale and keeps the codes, so ``intB_ss`` is odd,
+``Q(-x) = -Q(x)``, although its table is not.
 
 Format dicts written before the full range existed (format version 1: no ``narrow_range``
 field) meant the narrow grid and still load as ``intB_narrow`` (``IntFormat.upgrade_dict``).
@@ -70,13 +77,15 @@ from lowbit.formats.base import Format, QParams, ScaleRounding, absmax, rounded,
 @dataclass(frozen=True)
 class IntFormat(Format):
     """``bits`` 2..8; ``symmetric`` (a scale only) or asymmetric with ``zero`` "int" or "float";
-    ``narrow_range`` (symmetric only) drops the code ``-2^(b-1)`` for the odd restricted grid."""
+    ``narrow_range`` (symmetric only) drops the code ``-2^(b-1)`` for the odd restricted grid;
+    ``signed_scale`` (symmetric, full range) takes GGUF Q4_0's signed scale ``m / -2^(b-1)``."""
 
     family = "int"
     bits: int = 4
     symmetric: bool = True
     zero: str = "int"  # asymmetric only: "int" or "float"
     narrow_range: bool = False  # symmetric only: q in [-(2^(b-1)-1), 2^(b-1)-1]
+    signed_scale: bool = False  # symmetric full range only: s = m / -2^(b-1), negative when m > 0
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -86,6 +95,9 @@ class IntFormat(Format):
         if self.narrow_range and not self.symmetric:
             raise LowbitError(f"narrow_range applies to symmetric int formats only, not uint{self.bits}; "
                               "leave narrow_range False for an asymmetric format")
+        if self.signed_scale and (self.narrow_range or not self.symmetric):
+            raise LowbitError(f"signed_scale applies to the full-range symmetric grid (int{self.bits}) only, "
+                              f"not {self.name}; leave signed_scale False")
 
     @classmethod
     def upgrade_dict(cls, d: dict) -> dict:
@@ -97,7 +109,7 @@ class IntFormat(Format):
     @property
     def name(self) -> str:
         if self.symmetric:
-            return f"int{self.bits}" + ("_narrow" if self.narrow_range else "")
+            return f"int{self.bits}" + ("_narrow" if self.narrow_range else "_ss" if self.signed_scale else "")
         return f"uint{self.bits}" + ("_fz" if self.zero == "float" else "")
 
     @property
@@ -114,7 +126,7 @@ class IntFormat(Format):
 
     @property
     def odd(self) -> bool:
-        return self.symmetric and self.narrow_range
+        return self.symmetric and (self.narrow_range or self.signed_scale)
 
     @property
     def zero_kind(self) -> str | None:
@@ -132,6 +144,8 @@ class IntFormat(Format):
     def choose_qparams(self, blocks: Tensor, clip: float = 1.0, global_scale: Tensor | None = None,
                        round_scale: ScaleRounding | None = None) -> QParams:
         """Min-max qparams (see the module table); an integer zero is fitted to the rounded scale."""
+        if self.symmetric and self.signed_scale:
+            return QParams(scale=rounded(signed_absmax(blocks) * clip / self.qmin, round_scale))
         if self.symmetric:
             return QParams(scale=rounded(absmax(blocks) * clip / -self.qmin, round_scale))
         lo = blocks.amin(dim=1, keepdim=True)
@@ -164,6 +178,12 @@ class IntFormat(Format):
         return q.mul_(qp.scale).add_(qp.zero)
 
 
+def signed_absmax(blocks: Tensor) -> Tensor:
+    """(n_blocks, block_size) -> (n_blocks, 1) the weight of largest magnitude, with its sign (the
+    first one on a tie, as GGUF's Q4_0 reference takes it)."""
+    return blocks.gather(1, blocks.abs().argmax(dim=1, keepdim=True))
+
+
 def shrink(lo: Tensor, hi: Tensor, clip: float) -> tuple[Tensor, Tensor]:
     """The range ``[lo, hi]`` (n_blocks, 1) shrunk by ``clip`` around its midpoint.
 
@@ -179,4 +199,5 @@ def shrink(lo: Tensor, hi: Tensor, clip: float) -> tuple[Tensor, Tensor]:
 
 #: the named formats of this family, in the order ``lowbit formats`` lists them
 PRESETS = tuple(fmt for b in range(2, 9) for fmt in (IntFormat(b, True), IntFormat(b, True, narrow_range=True),
+                                                      IntFormat(b, True, signed_scale=True),
                                                       IntFormat(b, False, "int"), IntFormat(b, False, "float")))

@@ -70,9 +70,10 @@ def check_learnable(spec: QuantSpec, name: str = "weight") -> None:
 def store_scale(s: Tensor, spec: QuantSpec) -> Tensor:
     """Learned float32 scales -> the values their storage holds (fp16/bf16/fp32, or e4m3 for NVFP4).
 
-    Negative scales (an over-large step) are clamped to zero; nonzero scales never round to zero.
+    Negative scales (an over-large step) are clamped to zero, except for formats with
+    ``signed_scale``, whose grid is valid at either sign; nonzero scales never round to zero.
     """
-    s = s.detach().clamp(min=0)
+    s = s.detach() if spec.format.signed_scale else s.detach().clamp(min=0)
     storage = scale_storage(spec)
     if storage == "float8_e4m3fn":
         e4m3 = s.clamp(_E4M3_MIN, _E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
@@ -125,7 +126,7 @@ def fake_quantize_blocks(blocks: Tensor, spec: QuantSpec, qp: QParams, s: Tensor
     inside = (x >= lo) & (x <= hi)  # (n_blocks, block_size) bool
     dxds = None
     if s is not None:
-        safe = torch.where(qp.scale > 0, qp.scale, torch.ones_like(qp.scale))
+        safe = torch.where(qp.scale != 0, qp.scale, torch.ones_like(qp.scale))
         at_fixed_codes = (fmt.dequantize(codes, QParams(torch.ones_like(qp.scale), qp.zero, qp.global_scale))
                           - fmt.dequantize(codes, QParams(torch.zeros_like(qp.scale), qp.zero, qp.global_scale)))
         g = 1.0 / math.sqrt(x.shape[1] * q_p)
