@@ -68,6 +68,12 @@ LOWBIT = [
             note="lowbit's SignRound set as auto-round's light recipe: 50 steps of 8 windows, lr 5e-3"),
     _lowbit("SignRound w4g64 sym, 100 steps", "w4g64", 4, solver="signround", extra=("--set", "steps=100")),
     _lowbit("SignRound w2g64 asym", "w2g64-asym", 2, solver="signround"),
+    _lowbit("RTN w4g64 signed scale", "w4g64-ss", 4,
+            note="int4_ss: each group's largest-magnitude weight sits exactly on code -8 whatever its sign "
+                 "(GGUF Q4_0's rule, and auto-round's symmetric grid)"),
+    _lowbit("GPTQ w4g64 signed scale", "w4g64-ss", 4, gptq=True),
+    _lowbit("SignRound w4g64 signed scale", "w4g64-ss", 4, solver="signround",
+            note="lowbit's SignRound with its defaults on auto-round's symmetric grid"),
     _lowbit("RTN w3g64 asym", "w3g64-asym", 3),
     _lowbit("HQQ w3g64 (data-free)", "uint3_fz:g64:hqq", 3),
     _lowbit("GPTQ w3g64 asym", "w3g64-asym", 3, gptq=True),
@@ -125,7 +131,7 @@ PEERS = [
          ("--bits", "2", "--group", "64", "--iters", "50", "--lr", "5e-3", "--asym"),
          calibrated=True, pair=_K["SignRound w2g64 asym"], note="auto-round's light recipe at 2 bits"),
     Cell("autoround", "SignRound light W4 g64 sym", 4, ("--bits", "4", "--group", "64", "--iters", "50", "--lr", "5e-3"),
-         calibrated=True, pair=_K["SignRound w4g64 sym"],
+         calibrated=True, pair=_K["SignRound w4g64 signed scale"],
          note="auto-round's light recipe (50 SignRound steps per block, lr 5e-3, no torch.compile): its default "
               "200 steps measured ~1.1 s each per block here, ~110 min per configuration; reloaded through its "
               "CPU backend, which runs in float16"),

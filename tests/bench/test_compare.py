@@ -45,7 +45,8 @@ def test_harness_writes_table_and_plot(tiny_llama_dir, finished):
     assert "### 8-bit" not in text  # --only kept the w4g64 RTN cells
     best_part, runs_part = text.split("Every run:")
     rows = [ln for ln in runs_part.splitlines() if ln.startswith("| lowbit |") or ln.startswith("| fp32")]
-    assert [r.split("|")[2].strip() for r in rows] == ["fp32", "RTN w4g64 sym", "RTN w4g64 asym", "RTN w4g64 float zero"]
+    assert [r.split("|")[2].strip() for r in rows] == ["fp32", "RTN w4g64 sym", "RTN w4g64 asym", "RTN w4g64 float zero",
+                                                     "RTN w4g64 signed scale"]
     # "Each tool's best": lowbit's row is its run with the lowest out-of-domain perplexity
     best = [ln.split("|") for ln in best_part.splitlines() if ln.startswith("| lowbit |")]
     assert len(best) == 1
@@ -59,7 +60,7 @@ def test_harness_writes_table_and_plot(tiny_llama_dir, finished):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png.relative_to(md.parent)})" in text
 
     cells = sorted((root / "cells").glob("*.json"))
-    assert len(cells) == 4
+    assert len(cells) == 5
     results = [json.loads(p.read_text()) for p in cells]
     fp32 = next(r for r in results if r["tool"] == "fp32")
     assert fp32["pydoc"]["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference against itself
