@@ -99,6 +99,16 @@ def test_every_valid_code_round_trips_at_unit_scale(fmt):
     assert torch.equal(v[again.long()], v[codes.long()])
 
 
+def test_fake_quantize_is_dequantize_of_quantize(fmt):
+    """A family's fused ``fake_quantize`` gives ``dequantize(quantize(·))`` value for value, on
+    the stored qparams and on shrunk ones (clipped weights), zero blocks included."""
+    w = random_weight(3)
+    w[0, :64] = 0.0
+    for x, _, qp in blocks_of(quantize_weight(w, spec_for(fmt)), w):
+        for q in (qp, QParams(qp.scale * 0.7, qp.zero, qp.global_scale)):
+            assert torch.equal(fmt.fake_quantize(x, q), fmt.dequantize(fmt.quantize(x, q), q))
+
+
 # --- (b) error within half a step inside the range ---------------------------------------
 def test_error_within_half_step(fmt):
     w = random_weight(1)

@@ -76,14 +76,18 @@ def clip_params(spec: QuantSpec, start: Start) -> tuple[Tensor | None, Tensor | 
 class _Round(torch.autograd.Function):
     """Forward: the exact reconstruction ``xq`` of ``x̃`` (n_blocks, block_size). Backward: the
     straight-through gradients of the module docstring for ``x̃``, ``s`` (n_blocks, 1) and ``z``
-    (n_blocks, 1) or None. ``zf`` is the float zero (n_blocks, 1), or 0: ``x̂`` at scale 0, so that
-    the fixed-code scale derivative outside the range is ``(x̂ − zf)/s``."""
+    (n_blocks, 1) or None. ``inside`` is 1.0 where ``x̃`` lies in the grid's range and 0.0 outside
+    (float32: masks of bools cost several times more per element on the CPU). ``zf`` is the float
+    zero (n_blocks, 1), or 0: ``x̂`` at scale 0, so that the fixed-code scale derivative outside the
+    range is ``(x̂ − zf)/s``."""
 
     @staticmethod
     def forward(ctx, xt: Tensor, s: Tensor, z: Tensor | None, xq: Tensor, inside: Tensor, zf: Tensor | float,
                 zero_kind: str | None) -> Tensor:
-        # what the backward needs, formed once: the scale derivative's factor per weight
-        ctx.save_for_backward(s, xq - torch.where(inside, xt, zf), inside)
+        # what the backward needs, formed once: the scale derivative's factor per weight,
+        # x̂ − (x̃ inside, zf outside); the products by 1.0 and 0.0 are exact
+        at = xt * inside if isinstance(zf, float) and zf == 0 else xt * inside + zf * (1 - inside)
+        ctx.save_for_backward(s, xq - at, inside)
         ctx.zero_kind = zero_kind if z is not None else None
         return xq
 
@@ -130,8 +134,9 @@ def _qparams(spec: QuantSpec, s0: Tensor, z0: Tensor | None, g: Tensor | None,
 
 
 def _round_region(x: Tensor, spec: QuantSpec, region: Region, start: Start, v: Tensor, alpha: Tensor | None,
-                  beta: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-    """One region: (reconstruction (n_blocks, block_size), scale, zero, codes), differentiable."""
+                  beta: Tensor | None, codes_too: bool = False) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """One region: (reconstruction (n_blocks, block_size), scale, zero, codes or None),
+    differentiable; the uint8 codes only with ``codes_too`` (training needs the reconstruction only)."""
     fmt = spec.format
     g = start.global_scale
     s0 = grid_take(start.scale, region)
@@ -142,11 +147,14 @@ def _round_region(x: Tensor, spec: QuantSpec, region: Region, start: Start, v: T
     step = s if g is None else s * g  # one grid unit (NVFP4: the block scale times the tensor scale)
     xt = to_blocks(x, region) + to_blocks(v, region) * step  # (n_blocks, block_size)
     qp = QParams(s.detach(), None if z is None else z.detach(), g)
-    codes = fmt.quantize(xt.detach(), qp)
-    xq = fmt.dequantize(codes, qp)
+    xd = xt.detach()
+    codes = fmt.quantize(xd, qp) if codes_too else None
+    xq = fmt.dequantize(codes, qp) if codes_too else fmt.fake_quantize(xd, qp)
     lo_code, hi_code, _ = level_codes(fmt)
     ends = fmt.dequantize(torch.tensor([[lo_code, hi_code]], dtype=torch.uint8).expand(xq.shape[0], 2), qp)
-    inside = (xt.detach() >= ends.amin(dim=1, keepdim=True)) & (xt.detach() <= ends.amax(dim=1, keepdim=True))
+    # 1.0 where lo <= x̃ <= hi, else 0.0: x̃ equals its clamp exactly there, so the difference is 0
+    inside = (xd - xd.clamp(ends.amin(dim=1, keepdim=True), ends.amax(dim=1, keepdim=True))).abs_().sign_()
+    inside = inside.neg_().add_(1)
     zf = qp.zero if fmt.zero_kind == "float" else 0.0
     out = _Round.apply(xt, s, z, xq, inside, zf, fmt.zero_kind)
     return out, qp.scale, qp.zero, codes
@@ -174,7 +182,7 @@ def signround_codes(W: Tensor, spec: QuantSpec, start: Start, v: Tensor, alpha: 
     scale = empty_grid((rows, cols), tile)
     zero = None if start.zero is None else empty_grid((rows, cols), tile)
     for region in regions((rows, cols), tile):
-        _, s, z, c = _round_region(W, spec, region, start, v, alpha, beta)
+        _, s, z, c = _round_region(W, spec, region, start, v, alpha, beta, codes_too=True)
         from_blocks(c, region, codes)
         grid_put(scale, region, s)
         if zero is not None:

@@ -91,6 +91,11 @@ class Format:
         """Codes (n_blocks, block_size) uint8 -> float32 reconstruction."""
         raise NotImplementedError
 
+    def fake_quantize(self, blocks: Tensor, qp: QParams) -> Tensor:
+        """``dequantize(quantize(blocks, qp), qp)``: the reconstruction (n_blocks, block_size) float32,
+        value for value (a family may fuse the two without the uint8 codes; a zero may differ in sign)."""
+        return self.dequantize(self.quantize(blocks, qp), qp)
+
     def global_scale(self, x: Tensor) -> Tensor | None:
         """A tensor-wide scale computed from the whole tensor, or None (the default)."""
         return None

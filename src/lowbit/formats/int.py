@@ -169,6 +169,16 @@ class IntFormat(Format):
             q = ((blocks - qp.zero) / s).round_().clamp_(0, self.qmax)
         return q.to(torch.uint8)
 
+    def fake_quantize(self, blocks: Tensor, qp: QParams) -> Tensor:
+        """``dequantize(quantize(·))`` in float32 throughout, without the uint8 codes: the same
+        integer levels times the same scale (a learned-rounding step calls it for every weight)."""
+        s = safe_scale(qp.scale)
+        if self.symmetric:
+            return (blocks / s).round_().clamp_(self.qmin, self.qmax).mul_(qp.scale)
+        if self.zero == "int":
+            return (torch.round(blocks / s) + qp.zero).clamp_(0, self.qmax).sub_(qp.zero).mul_(qp.scale)
+        return ((blocks - qp.zero) / s).round_().clamp_(0, self.qmax).mul_(qp.scale).add_(qp.zero)
+
     def dequantize(self, codes: Tensor, qp: QParams) -> Tensor:
         q = codes.to(torch.float32, copy=True)  # in place on the fresh copy: the same values, fewer passes
         if self.symmetric:

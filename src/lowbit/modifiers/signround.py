@@ -181,7 +181,7 @@ class SignRound(Modifier):
 
         Per weight: the float32 copy being rounded, the offset with its gradient and the start
         snapshot (16 B), what the rounding graph keeps for the backward pass (shifted weight,
-        reconstruction, scale derivative, zero derivative, codes, in-range mask: 18 B) and, with
+        reconstruction, scale derivative, zero derivative, the float32 in-range mask: 20 B) and, with
         ``compute="bf16"``, autocast's bf16 copy of the rounded weight (2 B). Per
         token of a batch: every layer's input and output in float32, twice (the backward pass).
         With ``init="gptq"``: every layer's (cols, cols) float32 Hessian.
@@ -190,7 +190,7 @@ class SignRound(Modifier):
         per_token = 2 * 4 * sum(r + c for r, c in work.layers)
         hessians = sum(4 * c * c for _, c in work.layers) if self.init == "gptq" else 0  # all gathered at once
         cast = 2 if self.compute == "bf16" else 0
-        return weights * (4 + 16 + 18 + cast) + per_token * work.batch_tokens + hessians
+        return weights * (4 + 16 + 20 + cast) + per_token * work.batch_tokens + hessians
 
     def flops(self, work: BlockWork) -> float:
         """``steps`` forward and backward passes of one batch through the layers (6·rows·cols per
