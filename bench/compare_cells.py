@@ -74,6 +74,8 @@ LOWBIT = [
     _lowbit("GPTQ w4g64 signed scale", "w4g64-ss", 4, gptq=True),
     _lowbit("SignRound w4g64 signed scale", "w4g64-ss", 4, solver="signround",
             note="lowbit's SignRound with its defaults on auto-round's symmetric grid"),
+    _lowbit("SignRound w4g64 signed scale, 1 window per step", "w4g64-ss", 4, solver="signround", extra=("--batch", "1")),
+    _lowbit("SignRound w4g64 signed scale, 30 steps", "w4g64-ss", 4, solver="signround", extra=("--set", "steps=30")),
     _lowbit("RTN w3g64 asym", "w3g64-asym", 3),
     _lowbit("HQQ w3g64 (data-free)", "uint3_fz:g64:hqq", 3),
     _lowbit("GPTQ w3g64 asym", "w3g64-asym", 3, gptq=True),
