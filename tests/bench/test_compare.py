@@ -92,3 +92,27 @@ def test_missing_peer_is_recorded(tiny_llama_dir, tmp_path, ood_text, monkeypatc
                   "--samples", "2", "--decode-tokens", "4", "--ood", str(ood_text), "--out-dir", str(out),
                   "--markdown", str(md), "--plot-dir", str(tmp_path / "plots")])
     assert "| HQQ | 4-bit g64 | **failed**: not installed: run bench/peers/setup.sh hqq |" in md.read_text()
+
+
+def _cell(folder: Path, key: str, nll: dict[str, list[float]], sha: str = "s") -> None:
+    body = {c: {"window_nll": v, "tokens": 10 * len(v), "ppl": 1.0, "kl": 0.0} for c, v in nll.items()}
+    (folder / (key.replace(":", "__", 1) + "-w4-l32-n2-d4.json")).write_text(
+        json.dumps({"key": key, "windows_sha256": {"pydoc": sha}, **body}))
+
+
+def test_compare_paired_against_a_hand_computed_interval(tmp_path, capsys):
+    """A − B per token on 4 windows of 10 tokens: differences 0.1, 0.2, 0.3, 0.2 (pydoc), mean 0.2,
+    sd 0.0816, t(0.975, 3) = 3.182: 0.2 ± 0.1299, B better; prose differs by 0 ± 0: level."""
+    import compare_paired
+
+    _cell(tmp_path, "lowbit:a", {"pydoc": [11.0, 12.0, 13.0, 12.0], "prose": [5.0, 5.0, 5.0, 5.0]})
+    _cell(tmp_path, "peer:b", {"pydoc": [10.0, 10.0, 10.0, 10.0], "prose": [5.0, 5.0, 5.0, 5.0]})
+    compare_paired.main(["lowbit:a", "peer:b", "--cells-dir", str(tmp_path)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("pydoc: log ppl A − B +0.2000 ± 0.1299 (95%, 4 windows)") and out[0].endswith("B better")
+    assert out[1].endswith("level")
+    _cell(tmp_path, "peer:c", {"pydoc": [1.0] * 4, "prose": [1.0] * 4}, sha="other")
+    with pytest.raises(SystemExit, match="different windows"):
+        compare_paired.main(["lowbit:a", "peer:c", "--cells-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no finished cell 'peer:x'.*finished: lowbit:a, peer:b, peer:c"):
+        compare_paired.main(["lowbit:a", "peer:x", "--cells-dir", str(tmp_path)])
