@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lowbit.formats.base import QParams
+from lowbit.formats.base import QParams, safe_scale
 from lowbit.observers import stored_qparams
 from lowbit.grouping import Region, empty_grid, from_blocks, grid_put, grid_take, regions, to_blocks
 from lowbit.qat.fakequant import level_codes, store_scale
@@ -95,7 +95,7 @@ class _Round(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         s, dscale, inside = ctx.saved_tensors
         gx = grad * inside
-        safe = torch.where(s != 0, s, torch.ones_like(s))
+        safe = safe_scale(s)
         gs = (grad * dscale).sum(dim=1, keepdim=True) / safe
         gz = None
         if ctx.zero_kind is not None:  # only clamped weights move with the zero
@@ -128,7 +128,7 @@ def _qparams(spec: QuantSpec, s0: Tensor, z0: Tensor | None, g: Tensor | None,
     if fmt.zero_kind == "float":
         z = beta * lo0
         return s, _ste(z, stored_qparams(QParams(s.detach(), z.detach()), spec).zero)
-    safe = torch.where(s != 0, s, torch.ones_like(s))
+    safe = safe_scale(s)
     u = -beta * lo0 / safe
     return s, _ste(u, torch.round(u.detach()).clamp(0, fmt.qmax))
 

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
-from lowbit.formats.base import Format, QParams
+from lowbit.formats.base import Format, QParams, safe_scale
 from lowbit.grouping import empty_grid, from_blocks, grid_put, grid_take, regions, to_blocks
 from lowbit.qtensor import round_scale, scale_storage
 from lowbit.quantizer import choose_qparams
@@ -126,7 +126,7 @@ def fake_quantize_blocks(blocks: Tensor, spec: QuantSpec, qp: QParams, s: Tensor
     inside = (x >= lo) & (x <= hi)  # (n_blocks, block_size) bool
     dxds = None
     if s is not None:
-        safe = torch.where(qp.scale != 0, qp.scale, torch.ones_like(qp.scale))
+        safe = safe_scale(qp.scale)
         at_fixed_codes = (fmt.dequantize(codes, QParams(torch.ones_like(qp.scale), qp.zero, qp.global_scale))
                           - fmt.dequantize(codes, QParams(torch.zeros_like(qp.scale), qp.zero, qp.global_scale)))
         g = 1.0 / math.sqrt(x.shape[1] * q_p)
